@@ -1,0 +1,52 @@
+# The two commands a user needs: `make run` and `make test`. Both install what is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROTO_SRC := $(wildcard protos/keys/v1/*.proto)
+PROTO_OUT := keys/v1/keys_pb2.py
+
+.PHONY: install system-deps protos run test lint fmt bench clean
+
+install: $(VENV)/.installed $(PROTO_OUT) system-deps
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# redis-server comes from the machine; install it where it is missing (Debian).
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+protos: $(PROTO_OUT)
+
+$(PROTO_OUT): $(PROTO_SRC) $(VENV)/.installed
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTO_SRC)
+	touch keys/v1/py.typed
+
+run: install
+	$(BIN)/python -m devstack
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install lint
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) keys/v1/*_pb2*.py keys/v1/*_pb2*.pyi .mypy_cache .ruff_cache .pytest_cache

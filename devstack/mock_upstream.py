@@ -1,0 +1,163 @@
+"""A small OpenAI-compatible upstream that plays the load balancer of the integration
+guide's step 4: it answers with a `usage` object and reports it with ReportUsage, keyed by
+`x-virtual-key-id` and Envoy's unique `x-request-id`.
+
+Completion tokens are the request's `max_tokens` (default 10); prompt tokens are about
+one per four characters of message content. Every request it saw is kept in `seen`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+
+from keys.v1 import keys_pb2, keys_pb2_grpc
+
+log = logging.getLogger("devstack.upstream")
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class MockUpstream:
+    port: int
+    extauthz_addr: str
+    usage_token: str
+    seen: list[Seen] = field(default_factory=list)
+    report_errors: list[str] = field(default_factory=list)
+    _server: ThreadingHTTPServer | None = None
+    _channel: grpc.Channel | None = None
+
+    def start(self) -> MockUpstream:
+        self._channel = grpc.insecure_channel(self.extauthz_addr)
+        usage = keys_pb2_grpc.UsageServiceStub(self._channel)
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def _record(self) -> tuple[dict[str, str], bytes]:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                upstream.seen.append(Seen(self.command, self.path, headers, body))
+                return headers, body
+
+            def _send(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._record()
+                if self.path.startswith("/v1/models"):
+                    self._send(
+                        200, {"object": "list", "data": [{"id": "gpt-4", "object": "model"}]}
+                    )
+                else:
+                    self._send(200, {"status": "ok", "path": self.path})
+
+            def do_POST(self) -> None:
+                headers, body = self._record()
+                try:
+                    request = json.loads(body or b"{}")
+                    assert isinstance(request, dict)
+                except (ValueError, AssertionError):
+                    self._send(400, {"error": {"message": "body is not a JSON object"}})
+                    return
+                model = str(request.get("model", "gpt-4"))
+                messages = request.get("messages") or []
+                chars = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
+                prompt = chars // 4 + 1
+                completion = int(request.get("max_tokens") or 10)
+                key_id = headers.get("x-virtual-key-id")
+                if key_id:
+                    upstream.report(
+                        usage,
+                        key_id,
+                        headers.get("x-request-id") or str(uuid.uuid4()),
+                        model,
+                        prompt,
+                        completion,
+                    )
+                self._send(
+                    200,
+                    {
+                        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": model,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": "Hello from the mock."},
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": prompt,
+                            "completion_tokens": completion,
+                            "total_tokens": prompt + completion,
+                        },
+                    },
+                )
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(
+            target=self._server.serve_forever, name="mock-upstream", daemon=True
+        ).start()
+        return self
+
+    def report(
+        self,
+        usage: keys_pb2_grpc.UsageServiceStub,
+        key_id: str,
+        request_id: str,
+        model: str,
+        prompt: int,
+        completion: int,
+    ) -> None:
+        try:
+            usage.ReportUsage(
+                keys_pb2.ReportUsageRequest(
+                    key_id=key_id,
+                    request_id=request_id,
+                    model=model,
+                    provider="mock",
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                ),
+                metadata=(("authorization", f"Bearer {self.usage_token}"),),
+                timeout=5,
+            )
+        except grpc.RpcError as exc:
+            self.report_errors.append(f"{exc.code().name}: {exc.details()}")
+            log.warning("usage report failed: %s", exc.code().name)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._channel is not None:
+            self._channel.close()

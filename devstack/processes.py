@@ -1,0 +1,191 @@
+"""Start, wait for and stop the real processes of the stack."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(port):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def stop(
+    proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 10
+) -> int:
+    if proc is None or proc.poll() is not None:
+        return proc.returncode if proc is not None else 0
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def executable(name: str) -> str:
+    """A console script of this environment (envoy, grpcurl, extauthz), else from PATH."""
+    local = BIN / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found; run `make install`")
+    return found
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes] = field(repr=False)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        code = stop(self.proc, sig)
+        self._log.close()
+        return code
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+def spawn(args: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> Process:
+    log = log_path.open("ab")
+    proc = subprocess.Popen(
+        args,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(env) if env is not None else None,
+        stdin=subprocess.DEVNULL,
+    )
+    return Process(proc, log_path, log)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of our own in `directory` (so it can be stopped, restarted, persisted)."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    appendonly: bool = False
+    process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [
+            executable("redis-server"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+        ]
+        self.process = spawn(args, self.directory / "redis.log")
+        wait_port(self.port, self.process.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+
+def extauthz_env(
+    *,
+    redis_url: str,
+    grpc_port: int,
+    http_port: int,
+    admin_token: str,
+    usage_token: str,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXTAUTHZ_", "VIRTUAL_KEY_"))}
+    env.update(
+        REDIS_URL=redis_url,
+        EXTAUTHZ_BIND="127.0.0.1",
+        EXTAUTHZ_GRPC_PORT=str(grpc_port),
+        EXTAUTHZ_HTTP_PORT=str(http_port),
+        EXTAUTHZ_ADMIN_TOKEN=admin_token,
+        EXTAUTHZ_USAGE_TOKEN=usage_token,
+    )
+    env.update(extra or {})
+    return env
+
+
+def start_extauthz(env: Mapping[str, str], log_path: Path) -> Process:
+    process = spawn([executable("extauthz"), "serve"], log_path, env)
+    wait_port(int(env["EXTAUTHZ_GRPC_PORT"]), process.proc)
+    return process
+
+
+ENVOY_PORTS = {"listener": 10000, "extauthz": 9191, "upstream": 8000, "admin": 9901}
+
+
+def render_envoy_config(ports: Mapping[str, int], template: Path = ROOT / "envoy.yaml") -> str:
+    text = template.read_text()
+    for name, default in ENVOY_PORTS.items():
+        text = text.replace(f"port_value: {default} ", f"port_value: {ports[name]} ")
+    return text
+
+
+def start_envoy(config_path: Path, listener_port: int, log_path: Path) -> Process:
+    args = [
+        executable("envoy"),
+        "-c",
+        str(config_path),
+        "--disable-hot-restart",
+        "--log-level",
+        "warning",
+    ]
+    process = spawn(args, log_path)
+    wait_port(listener_port, process.proc, timeout=30)
+    return process
+
+
+def terminate_all(processes: list[Process]) -> None:
+    for process in reversed(processes):
+        with contextlib.suppress(Exception):
+            process.stop()

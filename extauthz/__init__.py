@@ -1,0 +1,4 @@
+"""The edge: gRPC servicers (ext_authz Check, KeyService, UsageService) and their wiring.
+
+No Redis commands here; the domain in `keys` owns the data model.
+"""

@@ -1,0 +1,221 @@
+"""The only builders of CheckResponse and of denial bodies; one status table.
+
+A denial is always a normal CheckResponse carrying an OpenAI-shaped JSON body, never an
+RPC error (Envoy would turn that into a bare status with no body).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+from keys.model import Decision, Reason, RequestedModel, WindowCount
+
+UNLIMITED = "unlimited"
+VIRTUAL_KEY_HEADER_PREFIX = "x-virtual-key-"
+UNVERIFIED_HEADER = "x-virtual-key-unverified"
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    http_status: int
+    rpc_code: int
+    error_type: str
+    message: str
+
+
+# The one table from a decision to what the client sees.
+DENIALS: Final[Mapping[Reason, Denial]] = {
+    Reason.INVALID_API_KEY: Denial(
+        401, code_pb2.UNAUTHENTICATED, "invalid_request_error", "Invalid API key provided."
+    ),
+    Reason.KEY_REVOKED: Denial(
+        401, code_pb2.UNAUTHENTICATED, "authentication_error", "This API key has been revoked."
+    ),
+    Reason.KEY_EXPIRED: Denial(
+        401, code_pb2.UNAUTHENTICATED, "authentication_error", "This API key has expired."
+    ),
+    Reason.MODEL_NOT_ALLOWED: Denial(
+        403, code_pb2.PERMISSION_DENIED, "permission_error", "This API key may not use {model}."
+    ),
+    Reason.BUDGET_EXCEEDED: Denial(
+        402,
+        code_pb2.PERMISSION_DENIED,
+        "insufficient_quota",
+        "This API key has spent its budget. Raise the budget or use another key; "
+        "retrying will not help.",
+    ),
+    Reason.RATE_LIMIT_EXCEEDED: Denial(
+        429,
+        code_pb2.RESOURCE_EXHAUSTED,
+        "{limit_kind}",
+        "Rate limit reached: {limit} {limit_kind} per minute. Retry after {retry_after}s.",
+    ),
+    Reason.AUTH_UNAVAILABLE: Denial(
+        503,
+        code_pb2.UNAVAILABLE,
+        "server_error",
+        "Authorization is temporarily unavailable. Retry shortly.",
+    ),
+}
+
+
+def error_body(reason: Reason, message: str, error_type: str) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": error_type, "param": None, "code": reason.value}}
+    ).encode()
+
+
+def denial_parts(
+    decision: Decision, model: RequestedModel | None = None
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """(HTTP status, client headers, JSON body) of a denial; shared with nginx's /auth."""
+    denial = DENIALS[decision.reason]
+    headers = [("content-type", "application/json")]
+    fields: dict[str, object] = {}
+    if decision.reason is Reason.RATE_LIMIT_EXCEEDED:
+        window = decision.rpm if decision.limit_hit == "rpm" else decision.tpm
+        fields = {
+            "limit": window.limit,
+            "limit_kind": "requests" if decision.limit_hit == "rpm" else "tokens",
+            "retry_after": decision.retry_after_s,
+        }
+        headers.append(("retry-after", str(decision.retry_after_s)))
+        headers.extend(rate_limit_headers(decision))
+    elif decision.reason is Reason.MODEL_NOT_ALLOWED:
+        fields = {
+            "model": json.dumps(model.name)
+            if model is not None and model.name
+            else "a model it cannot read from this request body (only keys allowed every "
+            "model accept unreadable or oversized bodies)"
+        }
+    elif decision.reason is Reason.AUTH_UNAVAILABLE:
+        headers.append(("retry-after", "1"))
+    message = denial.message.format(**fields)
+    error_type = denial.error_type.format(**fields)
+    return denial.http_status, headers, error_body(decision.reason, message, error_type)
+
+
+def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
+    """The guide's X-RateLimit-* names and OpenAI's x-ratelimit-* names."""
+    rpm, tpm = decision.rpm, decision.tpm
+    return [
+        ("x-ratelimit-limit-tpm", _limit(tpm)),
+        ("x-ratelimit-remaining-tpm", _remaining(tpm)),
+        ("x-ratelimit-limit-rpm", _limit(rpm)),
+        ("x-ratelimit-remaining-rpm", _remaining(rpm)),
+        ("x-ratelimit-limit-requests", _limit(rpm)),
+        ("x-ratelimit-remaining-requests", _remaining(rpm)),
+        ("x-ratelimit-reset-requests", _reset(rpm)),
+        ("x-ratelimit-limit-tokens", _limit(tpm)),
+        ("x-ratelimit-remaining-tokens", _remaining(tpm)),
+        ("x-ratelimit-reset-tokens", _reset(tpm)),
+    ]
+
+
+def upstream_identity(decision: Decision) -> list[tuple[str, str]]:
+    headers = [
+        ("x-virtual-key-id", decision.key_id),
+        ("x-virtual-key-user-id", decision.user_id),
+    ]
+    if decision.team_id:
+        headers.append(("x-virtual-key-team-id", decision.team_id))
+    return headers
+
+
+def _limit(window: WindowCount) -> str:
+    return str(window.limit) if window.limit else UNLIMITED
+
+
+def _remaining(window: WindowCount) -> str:
+    remaining = window.remaining
+    return UNLIMITED if remaining is None else str(remaining)
+
+
+def _reset(window: WindowCount) -> str:
+    ms = window.reset_ms if window.limit else 0
+    if ms < 1000:
+        return f"{ms}ms"
+    return f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+# --- Envoy ------------------------------------------------------------------------------
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def _options(headers: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
+    return [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=k, value=v), append_action=_OVERWRITE
+        )
+        for k, v in headers
+    ]
+
+
+def _strip_client_identity(client_headers: Iterable[str], keep: Iterable[str] = ()) -> list[str]:
+    """Client-sent x-virtual-key-* headers we do not overwrite, plus the client's key."""
+    kept = set(keep)
+    spoofed = [
+        h for h in client_headers if h.startswith(VIRTUAL_KEY_HEADER_PREFIX) and h not in kept
+    ]
+    return ["authorization", "x-api-key", "api-key", *spoofed]
+
+
+def envoy_allow(
+    decision: Decision, client_headers: Iterable[str]
+) -> external_auth_pb2.CheckResponse:
+    upstream = upstream_identity(decision)
+    ok = external_auth_pb2.OkHttpResponse(
+        headers=_options(upstream),
+        headers_to_remove=_strip_client_identity(client_headers, (k for k, _ in upstream)),
+        response_headers_to_add=_options(rate_limit_headers(decision)),
+    )
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK), ok_response=ok
+    )
+
+
+def envoy_allow_public(client_headers: Iterable[str]) -> external_auth_pb2.CheckResponse:
+    """A public path: no key needed; still, nothing client-sent may pose as our identity."""
+    removed = [h for h in client_headers if h.startswith(VIRTUAL_KEY_HEADER_PREFIX)]
+    ok = external_auth_pb2.OkHttpResponse(headers_to_remove=removed)
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK), ok_response=ok
+    )
+
+
+def envoy_allow_unverified(
+    key_id: str, client_headers: Iterable[str]
+) -> external_auth_pb2.CheckResponse:
+    """Fail-open while Redis is down: the claimed key id passes, marked as unverified."""
+    upstream = [("x-virtual-key-id", key_id), (UNVERIFIED_HEADER, "true")]
+    ok = external_auth_pb2.OkHttpResponse(
+        headers=_options(upstream),
+        headers_to_remove=_strip_client_identity(client_headers, (k for k, _ in upstream)),
+    )
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK), ok_response=ok
+    )
+
+
+def envoy_deny(
+    decision: Decision, model: RequestedModel | None = None
+) -> external_auth_pb2.CheckResponse:
+    status, headers, body = denial_parts(decision, model)
+    denied = external_auth_pb2.DeniedHttpResponse(
+        status=http_status_pb2.HttpStatus(code=status),
+        headers=_options(headers),
+        body=body.decode(),
+    )
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=DENIALS[decision.reason].rpc_code),
+        denied_response=denied,
+    )

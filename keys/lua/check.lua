@@ -1,0 +1,68 @@
+-- Check one request against a key and, when it passes, count it. The whole hot path.
+-- KEYS[1]  the key's record hash, vk:{<id>}
+-- ARGV[1]  hex SHA-256 of the presented key
+-- ARGV[2]  now, ms since the epoch (the caller's clock)
+-- ARGV[3]  body model: 0 no body, 1 named (ARGV[4]), 2 unreadable
+-- ARGV[4]  model name
+-- ARGV[5]  rate window length, ms
+-- returns {code, user_id, team_id, rpm_limit, requests, tpm_limit, tokens, reset_ms}
+--   (only {code} for codes 1-5) where code is 0 allowed and counted, 1 unknown key or
+--   wrong secret, 2 revoked, 3 expired, 4 model not allowed, 5 budget spent,
+--   6 over RPM, 7 over TPM
+local digest = ARGV[1]
+local now = tonumber(ARGV[2])
+local model_kind = ARGV[3]
+local model = ARGV[4]
+local window = tonumber(ARGV[5])
+
+local f = redis.call('HMGET', KEYS[1], 'hash', 'status', 'expires_at', 'models',
+  'max_budget', 'spent', 'rpm_limit', 'tpm_limit', 'win_start', 'win_requests',
+  'win_tokens', 'user_id', 'team_id')
+local stored = f[1]
+if not stored or #stored ~= #digest then return {1} end
+-- constant time: every byte is compared whatever the first difference
+local diff = 0
+for i = 1, #digest do
+  diff = bit.bor(diff, bit.bxor(string.byte(digest, i), string.byte(stored, i)))
+end
+if diff ~= 0 then return {1} end
+if f[2] ~= 'active' then return {2} end
+local expires_at = tonumber(f[3])
+if expires_at > 0 and now >= expires_at then return {3} end
+if f[4] ~= '*' and model_kind ~= '0' then
+  if model_kind ~= '1' or not string.find(f[4], '\n' .. model .. '\n', 1, true) then
+    return {4}
+  end
+end
+-- money as non-negative integer strings, compared exactly (no float rounding)
+local budget, spent = f[5], f[6]
+if budget ~= '0' and (#spent > #budget or (#spent == #budget and spent >= budget)) then
+  return {5}
+end
+
+local rpm, tpm = tonumber(f[7]), tonumber(f[8])
+local start = tonumber(f[9])
+local requests, tokens = tonumber(f[10]), tonumber(f[11])
+local fresh = now >= start + window
+if fresh then
+  start, requests, tokens = now, 0, 0
+end
+local reply = {0, f[12], f[13], rpm, requests, tpm, tokens, start + window - now}
+if rpm > 0 and requests >= rpm then
+  reply[1] = 6
+  return reply
+end
+if tpm > 0 and tokens >= tpm then
+  reply[1] = 7
+  return reply
+end
+reply[5] = requests + 1
+if fresh then
+  redis.call('HSET', KEYS[1], 'win_start', ARGV[2], 'win_requests', 1, 'win_tokens', 0,
+    'last_used', ARGV[2])
+else
+  redis.call('HINCRBY', KEYS[1], 'win_requests', 1)
+  redis.call('HSET', KEYS[1], 'last_used', ARGV[2])
+end
+redis.call('HINCRBY', KEYS[1], 'total_requests', 1)
+return reply

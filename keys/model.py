@@ -1,0 +1,176 @@
+"""Values the domain passes around: key records, check decisions, usage reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+
+WINDOW_MS = 60_000  # RPM and TPM are counted in one-minute windows (docs/design.md)
+ALL_MODELS = "*"
+
+
+class Status(StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+class Reason(StrEnum):
+    """A Check outcome; the value is the `error.code` a denial carries."""
+
+    OK = "ok"
+    INVALID_API_KEY = "invalid_api_key"
+    KEY_REVOKED = "key_revoked"
+    KEY_EXPIRED = "key_expired"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
+    AUTH_UNAVAILABLE = "auth_unavailable"
+
+
+class BodyModel(Enum):
+    """What the request body says about the model (SPEC: the model step)."""
+
+    NO_BODY = 0  # e.g. GET /v1/models: passes the model step
+    NAMED = 1  # a JSON body whose last "model" is a string
+    UNREADABLE = 2  # not JSON, truncated, or "model" missing / not a string
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedModel:
+    kind: BodyModel
+    name: str = ""
+
+    @classmethod
+    def named(cls, name: str) -> RequestedModel:
+        return cls(BodyModel.NAMED, name)
+
+
+NO_BODY = RequestedModel(BodyModel.NO_BODY)
+UNREADABLE = RequestedModel(BodyModel.UNREADABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCount:
+    """One rate limit's state in the current window; limit 0 means unlimited."""
+
+    limit: int
+    used: int
+    reset_ms: int  # until the window closes; 0 when none is open
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit == 0 else max(self.limit - self.used, 0)
+
+
+UNLIMITED = WindowCount(0, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    reason: Reason
+    key_id: str = ""
+    user_id: str = ""
+    team_id: str = ""
+    rpm: WindowCount = UNLIMITED
+    tpm: WindowCount = UNLIMITED
+    limit_hit: str = ""  # "rpm" or "tpm" on a rate-limit denial
+
+    @property
+    def allowed(self) -> bool:
+        return self.reason is Reason.OK
+
+    @property
+    def retry_after_s(self) -> int:
+        """Whole seconds until the window that denied the request closes (at least 1)."""
+        window = self.rpm if self.limit_hit == "rpm" else self.tpm
+        return max(1, -(-window.reset_ms // 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """Everything CreateKey stores, after defaults and validation."""
+
+    name: str
+    user_id: str
+    team_id: str
+    expires_at_ms: int
+    allowed_models: tuple[str, ...]
+    max_budget_nanos: int
+    tpm_limit: int
+    rpm_limit: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualKey:
+    id: str
+    name: str
+    user_id: str
+    team_id: str
+    created_at_ms: int
+    expires_at_ms: int  # 0: never
+    revoked: bool
+    allowed_models: tuple[str, ...]
+    max_budget_nanos: int  # 0: no budget
+    spent_nanos: int
+    tpm_limit: int
+    rpm_limit: int
+    metadata: Mapping[str, str]
+    last_used_ms: int  # 0: never used
+    total_requests: int
+    window_start_ms: int
+    window_requests: int
+    window_tokens: int
+
+    def status(self, now_ms: int) -> Status:
+        if self.revoked:
+            return Status.REVOKED
+        if self.expires_at_ms and now_ms >= self.expires_at_ms:
+            return Status.EXPIRED
+        return Status.ACTIVE
+
+    @property
+    def budget_remaining_nanos(self) -> int | None:
+        if self.max_budget_nanos == 0:
+            return None
+        return max(self.max_budget_nanos - self.spent_nanos, 0)
+
+    def windows(self, now_ms: int) -> tuple[WindowCount, WindowCount]:
+        """(rpm, tpm) as a Check at `now_ms` would see them, without counting."""
+        open_ = self.window_start_ms and now_ms < self.window_start_ms + WINDOW_MS
+        reset = self.window_start_ms + WINDOW_MS - now_ms if open_ else 0
+        requests = self.window_requests if open_ else 0
+        tokens = self.window_tokens if open_ else 0
+        return (
+            WindowCount(self.rpm_limit, requests, reset),
+            WindowCount(self.tpm_limit, tokens, reset),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    key_id: str
+    request_id: str
+    model: str
+    provider: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_nanos: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    duplicate: bool
+    cost_nanos: int
+    spent_nanos: int
+    max_budget_nanos: int
+    total_tokens: int
+
+    @property
+    def budget_remaining_nanos(self) -> int | None:
+        if self.max_budget_nanos == 0:
+            return None
+        return max(self.max_budget_nanos - self.spent_nanos, 0)

@@ -1,0 +1,97 @@
+"""Checks on what admins and reporters send, before anything is stored.
+
+Each failure is an InvalidArgument whose message says what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from keys.errors import InvalidArgument
+from keys.keygen import is_key_id
+from keys.model import ALL_MODELS
+from keys.money import MAX_USD, usd_to_nanos
+
+MAX_NAME_CHARS = 256
+MAX_ID_CHARS = 128
+MAX_MODELS = 1000
+MAX_MODEL_CHARS = 256
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY_CHARS = 128
+MAX_METADATA_VALUE_CHARS = 1024
+MAX_REQUEST_ID_CHARS = 256
+MAX_LIMIT = 10**12
+MAX_TOKENS = 10**12
+
+
+def _printable(value: str) -> bool:
+    return value.isprintable()
+
+
+def text(field: str, value: str, *, required: bool, max_chars: int) -> str:
+    value = value.strip()
+    if required and not value:
+        raise InvalidArgument(f"{field} is required")
+    if len(value) > max_chars:
+        raise InvalidArgument(f"{field} is longer than {max_chars} characters")
+    if not _printable(value):
+        raise InvalidArgument(f"{field} contains control characters")
+    return value
+
+
+def key_id(field: str, value: str) -> str:
+    if not is_key_id(value):
+        raise InvalidArgument(f"{field} must be 16 lowercase hex characters (a key id)")
+    return value
+
+
+def usd(field: str, value: float) -> int:
+    if not math.isfinite(value) or value < 0 or value > MAX_USD:
+        raise InvalidArgument(f"{field} must be a number of USD from 0 to {MAX_USD}")
+    return usd_to_nanos(value)
+
+
+def limit(field: str, value: int) -> int:
+    if not 0 <= value <= MAX_LIMIT:
+        raise InvalidArgument(f"{field} must be from 0 (no limit) to {MAX_LIMIT}")
+    return value
+
+
+def tokens(field: str, value: int) -> int:
+    if not 0 <= value <= MAX_TOKENS:
+        raise InvalidArgument(f"{field} must be from 0 to {MAX_TOKENS}")
+    return value
+
+
+def models(values: Sequence[str]) -> tuple[str, ...]:
+    if len(values) > MAX_MODELS:
+        raise InvalidArgument(f"allowed_models has more than {MAX_MODELS} entries")
+    cleaned = [
+        text("allowed_models entry", v, required=True, max_chars=MAX_MODEL_CHARS) for v in values
+    ]
+    if not cleaned or ALL_MODELS in cleaned:
+        return (ALL_MODELS,)
+    return tuple(dict.fromkeys(cleaned))
+
+
+def metadata(values: Mapping[str, str]) -> dict[str, str]:
+    if len(values) > MAX_METADATA_ENTRIES:
+        raise InvalidArgument(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
+    for k, v in values.items():
+        text("metadata key", k, required=True, max_chars=MAX_METADATA_KEY_CHARS)
+        if len(v) > MAX_METADATA_VALUE_CHARS:
+            raise InvalidArgument(
+                f"metadata value for {k!r} is longer than {MAX_METADATA_VALUE_CHARS} characters"
+            )
+    return dict(values)
+
+
+def expires_days(value: int | None, max_days: int) -> int:
+    if value is None:
+        return max_days
+    if not 1 <= value <= max_days:
+        raise InvalidArgument(
+            f"expires_days must be from 1 to {max_days} (VIRTUAL_KEY_MAX_EXPIRES_DAYS)"
+        )
+    return value
