@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 
 import yaml
@@ -107,4 +107,10 @@ class PriceTable:
 def _decimal(value: object) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"price {value!r} is not a number")
-    return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    try:
+        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"price {value!r} is not a number") from None
+    if not number.is_finite():
+        raise ValueError(f"price {value!r} is not a finite number")
+    return number

@@ -84,11 +84,15 @@ def decode_models(stored: str) -> tuple[str, ...]:
     return tuple(m for m in stored.split("\n") if m)
 
 
-def connect(url: str, *, timeout_s: float) -> aioredis.Redis:
+def connect(url: str, *, timeout_s: float, max_connections: int = 64) -> aioredis.Redis:
     """A client that fails fast: one quick retry (a pooled connection may have died with a
-    Redis restart), then StoreUnavailable, well inside Envoy's ext_authz timeout."""
-    return aioredis.Redis.from_url(
+    Redis restart), then StoreUnavailable, well inside Envoy's ext_authz timeout. Callers
+    beyond `max_connections` wait for a free connection (up to `timeout_s`) instead of
+    failing."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout_s,
         decode_responses=True,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
@@ -96,6 +100,7 @@ def connect(url: str, *, timeout_s: float) -> aioredis.Redis:
         retry_on_timeout=False,
         health_check_interval=0,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 @asynccontextmanager

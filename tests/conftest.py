@@ -1,0 +1,146 @@
+"""Real servers, started once per session: redis-server, the extauthz server, the mock
+upstream and Envoy. Tests that break a server start their own."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from devstack import processes as p
+from devstack.mock_upstream import MockUpstream
+from keys.store import KeyStore, connect
+from tests.helpers import Clients
+
+# Known defaults, so tests can assert what CreateKey fills in.
+SERVER_DEFAULTS = {
+    "VIRTUAL_KEY_DEFAULT_BUDGET": "25.5",
+    "VIRTUAL_KEY_DEFAULT_TPM": "5000",
+    "VIRTUAL_KEY_DEFAULT_RPM": "40",
+    "VIRTUAL_KEY_MAX_EXPIRES_DAYS": "90",
+    "EXTAUTHZ_LOG_LEVEL": "DEBUG",
+}
+
+
+class ManualClock:
+    """Milliseconds that the test moves by hand; passed to KeyStore as its clock."""
+
+    def __init__(self, now_ms: int) -> None:
+        self.now_ms = now_ms
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+    def advance(self, seconds: float) -> None:
+        self.now_ms += int(seconds * 1000)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    server = p.RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
+
+
+@dataclass
+class Server:
+    grpc_port: int
+    http_port: int
+    admin_token: str
+    usage_token: str
+    process: p.Process
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+
+def start_server(
+    redis_url: str,
+    log_dir: Path,
+    extra: dict[str, str] | None = None,
+    admin_token: str | None = None,
+    usage_token: str | None = None,
+) -> Server:
+    grpc_port, http_port = p.free_port(), p.free_port()
+    admin = admin_token or "adm-" + secrets.token_urlsafe(16)
+    usage = usage_token or "use-" + secrets.token_urlsafe(16)
+    env = p.extauthz_env(
+        redis_url=redis_url,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        admin_token=admin,
+        usage_token=usage,
+        extra={**SERVER_DEFAULTS, **(extra or {})},
+    )
+    process = p.start_extauthz(env, log_dir / f"extauthz-{grpc_port}.log")
+    return Server(grpc_port, http_port, admin, usage, process)
+
+
+@pytest.fixture(scope="session")
+def server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(redis_url, tmp_path_factory.mktemp("logs"))
+    yield srv
+    srv.process.stop()
+
+
+@pytest.fixture(scope="session")
+def clients(server: Server) -> Iterator[Clients]:
+    channel = grpc.insecure_channel(server.address)
+    yield Clients(channel, server.admin_token, server.usage_token)
+    channel.close()
+
+
+@pytest.fixture(scope="session")
+def upstream(server: Server) -> Iterator[MockUpstream]:
+    mock = MockUpstream(p.free_port(), server.address, server.usage_token).start()
+    yield mock
+    mock.stop()
+
+
+@dataclass
+class Envoy:
+    port: int
+    process: p.Process
+
+
+def start_envoy(grpc_port: int, upstream_port: int, work_dir: Path) -> Envoy:
+    ports = {
+        "listener": p.free_port(),
+        "extauthz": grpc_port,
+        "upstream": upstream_port,
+        "admin": p.free_port(),
+    }
+    config = work_dir / f"envoy-{ports['listener']}.yaml"
+    config.write_text(p.render_envoy_config(ports))
+    process = p.start_envoy(config, ports["listener"], work_dir / f"envoy-{ports['listener']}.log")
+    return Envoy(ports["listener"], process)
+
+
+@pytest.fixture(scope="session")
+def envoy(
+    server: Server, upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Envoy]:
+    proxy = start_envoy(server.grpc_port, upstream.port, tmp_path_factory.mktemp("envoy"))
+    yield proxy
+    proxy.process.stop()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(1_800_000_000_000)
+
+
+@pytest.fixture
+async def store(redis_url: str, clock: ManualClock) -> AsyncIterator[KeyStore]:
+    redis = connect(redis_url, timeout_s=2)
+    yield KeyStore(redis, clock=clock)
+    await redis.aclose()
