@@ -105,7 +105,7 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
 
     log.info("draining")
-    await watch.stop()  # health goes NOT_SERVING first, so Envoy stops sending
+    await watch.stop()  # health reports NOT_SERVING before the port closes
     await server.stop(SHUTDOWN_GRACE_S)
     http.close()
     await http.wait_closed()
