@@ -25,9 +25,12 @@ system-deps:
 
 protos: $(PROTO_OUT)
 
+# Python stubs for the server, and a descriptor set for Envoy's grpc_json_transcoder.
 $(PROTO_OUT): $(PROTO_SRC) $(VENV)/.installed
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos \
-	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTO_SRC)
+	  -I $$($(BIN)/python -c 'import google.api, pathlib; print(pathlib.Path(google.api.__path__[0]).parent.parent)') \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
+	  --include_imports --descriptor_set_out=keys/v1/keys.pb $(PROTO_SRC)
 	touch keys/v1/py.typed
 
 run: install

@@ -7,19 +7,28 @@ import logging
 import grpc
 
 from extauthz import convert
-from extauthz.auth import Role, bearer, bearer_key, metadata_value, role_of
+from extauthz.access import Context, readable_key, require_admin, scoped
 from extauthz.errors import rpc_errors
 from extauthz.settings import Settings
 from keys import validation
-from keys.errors import NotFound
+from keys.budget import parse_duration
+from keys.errors import InvalidArgument
 from keys.keygen import parse_key
-from keys.model import KeySpec, Reason, VirtualKey
+from keys.model import KeySpec, KeyUpdate, Reason, Status
 from keys.store import KeyStore
 from keys.v1 import keys_pb2, keys_pb2_grpc
 
 log = logging.getLogger("extauthz.admin")
-Context = grpc.aio.ServicerContext[object, object]
 DAY_MS = 86_400_000
+
+
+def _status(value: str) -> Status | None:
+    if not value:
+        return None
+    try:
+        return Status(value)
+    except ValueError:
+        raise InvalidArgument("status must be active, revoked or expired") from None
 
 
 class KeyService(keys_pb2_grpc.KeyServiceServicer):
@@ -27,23 +36,17 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         self.store = store
         self.settings = settings
 
-    async def _require_admin(self, context: Context) -> str | None:
-        """Aborts unless the admin token is presented; returns the x-user-id scope, if any."""
-        role = role_of(bearer(context), self.settings.admin_token, "")
-        if role is not Role.ADMIN:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin token required")
-        return metadata_value(context, "x-user-id")
-
-    def _scoped(self, key: VirtualKey, user: str | None) -> VirtualKey:
-        if user is not None and key.user_id != user:
-            raise NotFound(f"key {key.id} not found")
-        return key
+    def _audit(self, context: Context, action: str, key_id: str, **fields: object) -> None:
+        log.info(
+            action,
+            extra={"action": action, "key_id": key_id, "peer": context.peer(), **fields},
+        )
 
     @rpc_errors
     async def CreateKey(
         self, request: keys_pb2.CreateKeyRequest, context: Context
     ) -> keys_pb2.CreateKeyResponse:
-        user = await self._require_admin(context)
+        user = await require_admin(context, self.settings)
         s = self.settings
         user_id = request.user_id or (user or "")
         if user is not None and user_id != user:
@@ -71,40 +74,109 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
             if request.HasField("rpm_limit")
             else s.default_rpm,
             metadata=validation.metadata(request.metadata),
+            budget=parse_duration(request.budget_duration),
         )
         full_key, key = await self.store.create(spec, s.key_prefix)
-        log.info("key created", extra={"key_id": key.id, "user_id": key.user_id})
+        self._audit(context, "key created", key.id, user_id=key.user_id)
         return keys_pb2.CreateKeyResponse(key=full_key, key_data=convert.key_data(key, now))
 
     @rpc_errors
     async def GetKey(self, request: keys_pb2.GetKeyRequest, context: Context) -> keys_pb2.KeyData:
         key_id = validation.key_id("id", request.id)
-        own = bearer_key(context)
-        if own is not None and own.key_id == key_id:
-            # self-service: an active key may read itself
-            reason, record = await self.store.validate(own)
-            if record is None or reason in (
-                Reason.INVALID_API_KEY,
-                Reason.KEY_REVOKED,
-                Reason.KEY_EXPIRED,
-            ):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "key is not active")
-            assert record is not None
-            return convert.key_data(record, self.store.clock())
-        user = await self._require_admin(context)
-        key = self._scoped(await self.store.get(key_id), user)
+        key = await readable_key(context, self.settings, self.store, key_id)
         return convert.key_data(key, self.store.clock())
+
+    @rpc_errors
+    async def ListKeys(
+        self, request: keys_pb2.ListKeysRequest, context: Context
+    ) -> keys_pb2.ListKeysResponse:
+        user = await require_admin(context, self.settings)
+        if user is not None and request.user_id and request.user_id != user:
+            return keys_pb2.ListKeysResponse()  # another user's keys: none visible
+        page = await self.store.list_keys(
+            user_id=user if user is not None else request.user_id,
+            team_id=request.team_id,
+            status=_status(request.status),
+            page_size=validation.page_size(request.page_size),
+            page_token=request.page_token,
+        )
+        now = self.store.clock()
+        return keys_pb2.ListKeysResponse(
+            keys=[convert.key_data(k, now) for k in page.keys], next_page_token=page.next_token
+        )
+
+    @rpc_errors
+    async def UpdateKey(
+        self, request: keys_pb2.UpdateKeyRequest, context: Context
+    ) -> keys_pb2.KeyData:
+        user = await require_admin(context, self.settings)
+        key_id = validation.key_id("id", request.id)
+        scoped(await self.store.get(key_id), user)
+        now = self.store.clock()
+        has = request.HasField
+        change = KeyUpdate(
+            name=validation.text("name", request.name, required=True, max_chars=256)
+            if has("name")
+            else None,
+            allowed_models=validation.models(request.allowed_models.models)
+            if has("allowed_models")
+            else None,
+            max_budget_nanos=validation.usd("max_budget", request.max_budget)
+            if has("max_budget")
+            else None,
+            tpm_limit=validation.limit("tpm_limit", request.tpm_limit)
+            if has("tpm_limit")
+            else None,
+            rpm_limit=validation.limit("rpm_limit", request.rpm_limit)
+            if has("rpm_limit")
+            else None,
+            expires_at_ms=now
+            + validation.expires_days(request.expires_days, self.settings.max_expires_days) * DAY_MS
+            if has("expires_days")
+            else None,
+            metadata=validation.metadata(request.metadata.entries) if has("metadata") else None,
+            budget=parse_duration(request.budget_duration) if has("budget_duration") else None,
+        )
+        key = await self.store.update(key_id, change)
+        changed = [f.name for f, _ in request.ListFields() if f.name != "id"]
+        self._audit(context, "key updated", key_id, fields=changed)
+        return convert.key_data(key, now)
 
     @rpc_errors
     async def RevokeKey(
         self, request: keys_pb2.RevokeKeyRequest, context: Context
     ) -> keys_pb2.KeyData:
-        user = await self._require_admin(context)
+        user = await require_admin(context, self.settings)
         key_id = validation.key_id("id", request.id)
-        self._scoped(await self.store.get(key_id), user)
+        scoped(await self.store.get(key_id), user)
         key = await self.store.revoke(key_id)
-        log.info("key revoked", extra={"key_id": key_id})
+        self._audit(context, "key revoked", key_id)
         return convert.key_data(key, self.store.clock())
+
+    @rpc_errors
+    async def RotateKey(
+        self, request: keys_pb2.RotateKeyRequest, context: Context
+    ) -> keys_pb2.CreateKeyResponse:
+        user = await require_admin(context, self.settings)
+        key_id = validation.key_id("id", request.id)
+        grace = validation.grace_seconds(request.grace_seconds)
+        scoped(await self.store.get(key_id), user)
+        full_key, key = await self.store.rotate(key_id, self.settings.key_prefix, grace * 1000)
+        self._audit(context, "key rotated", key_id, grace_seconds=grace)
+        return keys_pb2.CreateKeyResponse(
+            key=full_key, key_data=convert.key_data(key, self.store.clock())
+        )
+
+    @rpc_errors
+    async def DeleteKey(
+        self, request: keys_pb2.DeleteKeyRequest, context: Context
+    ) -> keys_pb2.DeleteKeyResponse:
+        user = await require_admin(context, self.settings)
+        key_id = validation.key_id("id", request.id)
+        scoped(await self.store.get(key_id), user)
+        await self.store.delete(key_id)
+        self._audit(context, "key deleted", key_id)
+        return keys_pb2.DeleteKeyResponse(id=key_id)
 
     @rpc_errors
     async def ValidateKey(

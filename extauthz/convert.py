@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from keys.model import VirtualKey, WindowCount
+from keys.model import UsageSummary, VirtualKey, WindowCount
 from keys.money import nanos_to_usd
 from keys.v1 import keys_pb2
 
@@ -36,6 +36,8 @@ def key_data(key: VirtualKey, now_ms: int) -> keys_pb2.KeyData:
         metadata=dict(key.metadata),
         last_used=_timestamp(key.last_used_ms),
         total_requests=key.total_requests,
+        budget_duration=key.budget_duration,
+        budget_reset_at=_timestamp(key.budget_reset_at_ms),
     )
 
 
@@ -45,4 +47,34 @@ def window_usage(window: WindowCount) -> keys_pb2.WindowUsage:
         current=window.used,
         remaining=window.remaining,
         reset_ms=window.reset_ms,
+    )
+
+
+def usage(summary: UsageSummary) -> keys_pb2.GetUsageResponse:
+    rows = [
+        keys_pb2.UsageRow(
+            date=row.date,
+            model=row.model,
+            requests=row.requests,
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            cost=nanos_to_usd(row.cost_nanos),
+        )
+        for row in summary.rows
+    ]
+    prompt = sum(r.prompt_tokens for r in summary.rows)
+    completion = sum(r.completion_tokens for r in summary.rows)
+    totals = keys_pb2.UsageTotals(
+        requests=sum(r.requests for r in summary.rows),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        cost=nanos_to_usd(sum(r.cost_nanos for r in summary.rows)),
+    )
+    return keys_pb2.GetUsageResponse(
+        rows=rows,
+        totals=totals,
+        start_date=summary.start_date,
+        end_date=summary.end_date,
+        key_ids=list(summary.key_ids),
     )

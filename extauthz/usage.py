@@ -6,6 +6,8 @@ import logging
 
 import grpc
 
+from extauthz import convert
+from extauthz.access import readable_key, require_admin
 from extauthz.auth import bearer, metadata_value, role_of
 from extauthz.errors import rpc_errors
 from extauthz.metrics import Metrics
@@ -95,3 +97,27 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
             budget_remaining=None if remaining is None else nanos_to_usd(remaining),
             total_tokens=report.total_tokens,
         )
+
+    @rpc_errors
+    async def GetUsage(
+        self, request: keys_pb2.GetUsageRequest, context: Context
+    ) -> keys_pb2.GetUsageResponse:
+        chosen = [f for f in ("key_id", "user_id", "team_id") if getattr(request, f)]
+        if len(chosen) != 1:
+            raise InvalidArgument("send exactly one of key_id, user_id, team_id")
+        days = validation.days(request.days, self.settings.usage_retention_days)
+        if request.key_id:
+            key_id = validation.key_id("key_id", request.key_id)
+            await readable_key(context, self.settings, self.store, key_id)
+            return convert.usage(await self.store.usage([key_id], days))
+        user = await require_admin(context, self.settings)
+        if request.user_id:
+            if user is not None and request.user_id != user:
+                raise NotFound(f"user {request.user_id} not found")
+            key_ids = await self.store.key_ids_of(user_id=request.user_id)
+        else:
+            key_ids = await self.store.key_ids_of(team_id=request.team_id)
+            if user is not None:  # a user sees only their own part of a team
+                own = set(await self.store.key_ids_of(user_id=user))
+                key_ids = [k for k in key_ids if k in own]
+        return convert.usage(await self.store.usage(key_ids, days))

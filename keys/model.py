@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
+from keys.budget import NO_PERIOD, BudgetPeriod
+
 WINDOW_MS = 60_000  # RPM and TPM are counted in one-minute windows (docs/design.md)
 ALL_MODELS = "*"
 
@@ -101,6 +103,21 @@ class KeySpec:
     tpm_limit: int
     rpm_limit: int
     metadata: Mapping[str, str] = field(default_factory=dict)
+    budget: BudgetPeriod = NO_PERIOD
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUpdate:
+    """UpdateKey: None leaves a field as it is."""
+
+    name: str | None = None
+    allowed_models: tuple[str, ...] | None = None
+    max_budget_nanos: int | None = None
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+    expires_at_ms: int | None = None
+    metadata: Mapping[str, str] | None = None
+    budget: BudgetPeriod | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +140,8 @@ class VirtualKey:
     window_start_ms: int
     window_requests: int
     window_tokens: int
+    budget_duration: str = ""
+    budget_reset_at_ms: int = 0  # 0: spend never resets
 
     def status(self, now_ms: int) -> Status:
         if self.revoked:
@@ -159,6 +178,24 @@ class UsageReport:
     completion_tokens: int
     total_tokens: int
     cost_nanos: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    date: str  # YYYY-MM-DD, UTC
+    model: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_nanos: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSummary:
+    rows: tuple[UsageRow, ...]
+    key_ids: tuple[str, ...]
+    start_date: str
+    end_date: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,12 +6,15 @@ Redis Cluster slot and runs as one Lua script: one round trip per Check.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, Final
 
@@ -21,18 +24,22 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from keys import keygen
-from keys.errors import NotFound, StoreUnavailable
+from keys.budget import current_reset_ms, first_reset_ms, next_month_start_ms
+from keys.errors import InvalidArgument, NotFound, StoreUnavailable
 from keys.keygen import ParsedKey
 from keys.model import (
     ALL_MODELS,
     WINDOW_MS,
     Decision,
     KeySpec,
+    KeyUpdate,
     Reason,
     ReportResult,
     RequestedModel,
     Status,
     UsageReport,
+    UsageRow,
+    UsageSummary,
     VirtualKey,
     WindowCount,
 )
@@ -69,6 +76,17 @@ def request_marker_key(key_id: str, request_id: str) -> str:
 def usage_day_key(key_id: str, now_ms: int) -> str:
     day = datetime.fromtimestamp(now_ms / 1000, tz=UTC).strftime("%Y%m%d")
     return f"vk:{{{key_id}}}:usage:{day}"
+
+
+# Indexes live under one hash tag of their own: admin paths only, never the hot path.
+# Live indexes list existing keys (ListKeys); history indexes keep every key a user or
+# team ever had, so their usage totals survive DeleteKey.
+INDEX_ALL = "{vkidx}:all"
+
+
+def index_key(kind: str, value: str) -> str:
+    """kind: user, team (live keys) or user-hist, team-hist (every key ever)."""
+    return f"{{vkidx}}:{kind}:{value}"
 
 
 def encode_models(models: tuple[str, ...]) -> str:
@@ -114,9 +132,34 @@ async def _translated() -> AsyncIterator[None]:
         raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
 
 
-def _script(redis: aioredis.Redis, name: str) -> Any:
-    text = resources.files("keys").joinpath("lua", f"{name}.lua").read_text()
-    return redis.register_script(text)
+def _lua(name: str) -> str:
+    return resources.files("keys").joinpath("lua", f"{name}.lua").read_text()
+
+
+def _script(redis: aioredis.Redis, name: str, *, with_lib: bool = False) -> Any:
+    """redis-py Script objects use EVALSHA and reload on NOSCRIPT (e.g. after a restart)."""
+    return redis.register_script((_lua("_budget") if with_lib else "") + _lua(name))
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    keys: tuple[VirtualKey, ...]
+    next_token: str
+
+
+def _encode_cursor(score: int, key_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{score}:{key_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(token: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        score, key_id = raw.split(":", 1)
+        if not keygen.is_key_id(key_id):
+            raise ValueError(key_id)
+        return int(score), key_id
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise InvalidArgument("page_token is not one this server issued") from None
 
 
 class KeyStore:
@@ -132,11 +175,11 @@ class KeyStore:
         self.clock = clock
         self.dedup_ttl_s = dedup_ttl_s
         self.usage_ttl_s = (usage_retention_days + 1) * 86_400
-        # redis-py Script objects use EVALSHA and reload on NOSCRIPT (e.g. after a restart)
-        self._check = _script(redis, "check")
-        self._report = _script(redis, "report_usage")
+        self._check = _script(redis, "check", with_lib=True)
+        self._report = _script(redis, "report_usage", with_lib=True)
         self._create = _script(redis, "create")
         self._update = _script(redis, "update")
+        self._rotate = _script(redis, "rotate")
 
     async def ping(self) -> bool:
         try:
@@ -170,16 +213,35 @@ class KeyStore:
                 "win_start": 0,
                 "win_requests": 0,
                 "win_tokens": 0,
+                "budget_duration": spec.budget.duration,
+                "budget_period_ms": spec.budget.period_ms,
+                "budget_reset_at": first_reset_ms(spec.budget, now),
+                "prev_hash": "",
+                "prev_hash_until": 0,
             }
             args = [item for pair in fields.items() for item in pair]
             async with _translated():
                 created = await self._create(keys=[record_key(key_id)], args=args)
+                if created:
+                    await self._index(key_id, now, spec.user_id, spec.team_id)
             if created:
                 return full_key, await self.get(key_id)
         raise StoreUnavailable("could not draw an unused key id")  # pragma: no cover
 
+    async def _index(self, key_id: str, created_ms: int, user_id: str, team_id: str) -> None:
+        """After the record exists: a crash in between leaves a key that works but is not
+        listed, never a listed key that does not exist."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(INDEX_ALL, {key_id: created_ms})
+            pipe.zadd(index_key("user", user_id), {key_id: created_ms})
+            pipe.zadd(index_key("user-hist", user_id), {key_id: created_ms})
+            if team_id:
+                pipe.zadd(index_key("team", team_id), {key_id: created_ms})
+                pipe.zadd(index_key("team-hist", team_id), {key_id: created_ms})
+            await pipe.execute()
+
     async def get(self, key_id: str) -> VirtualKey:
-        return _to_virtual_key(key_id, await self._fetch(key_id))
+        return _to_virtual_key(key_id, await self._fetch(key_id), self.clock())
 
     async def _fetch(self, key_id: str) -> dict[str, str]:
         async with _translated():
@@ -192,6 +254,159 @@ class KeyStore:
         await self._set_fields(key_id, {"status": "revoked"})
         return await self.get(key_id)
 
+    async def update(self, key_id: str, change: KeyUpdate) -> VirtualKey:
+        fields: dict[str, str | int] = {}
+        if change.name is not None:
+            fields["name"] = change.name
+        if change.allowed_models is not None:
+            fields["models"] = encode_models(change.allowed_models)
+        if change.max_budget_nanos is not None:
+            fields["max_budget"] = change.max_budget_nanos
+        if change.tpm_limit is not None:
+            fields["tpm_limit"] = change.tpm_limit
+        if change.rpm_limit is not None:
+            fields["rpm_limit"] = change.rpm_limit
+        if change.expires_at_ms is not None:
+            fields["expires_at"] = change.expires_at_ms
+        if change.metadata is not None:
+            fields["metadata"] = json.dumps(dict(change.metadata), separators=(",", ":"))
+        if change.budget is not None:
+            fields["budget_duration"] = change.budget.duration
+            fields["budget_period_ms"] = change.budget.period_ms
+            fields["budget_reset_at"] = first_reset_ms(change.budget, self.clock())
+        if fields:
+            await self._set_fields(key_id, fields)
+        return await self.get(key_id)
+
+    async def rotate(self, key_id: str, prefix: str, grace_ms: int) -> tuple[str, VirtualKey]:
+        """A new secret under the same id; the old one works for `grace_ms` more."""
+        full_key = keygen.format_key(prefix, key_id, keygen.new_secret())
+        until = self.clock() + grace_ms if grace_ms > 0 else 0
+        async with _translated():
+            rotated = await self._rotate(
+                keys=[record_key(key_id)], args=[keygen.digest(full_key), until]
+            )
+        if not rotated:
+            raise NotFound(f"key {key_id} not found")
+        return full_key, await self.get(key_id)
+
+    async def delete(self, key_id: str) -> None:
+        """Removes the record and its live index entries; usage history stays."""
+        key = await self.get(key_id)
+        async with _translated(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(INDEX_ALL, key_id)
+            pipe.zrem(index_key("user", key.user_id), key_id)
+            if key.team_id:
+                pipe.zrem(index_key("team", key.team_id), key_id)
+            await pipe.execute()
+            await self.redis.delete(record_key(key_id))
+
+    async def list_keys(
+        self,
+        *,
+        user_id: str = "",
+        team_id: str = "",
+        status: Status | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> Page:
+        """Oldest first. The token is a (created_at, id) cursor, so keys created while
+        paging land after it: none is skipped or repeated."""
+        index = (
+            index_key("user", user_id)
+            if user_id
+            else index_key("team", team_id)
+            if team_id
+            else INDEX_ALL
+        )
+        cursor = _decode_cursor(page_token) if page_token else None
+        now = self.clock()
+        found: list[VirtualKey] = []
+        last: tuple[int, str] | None = None
+        async with _translated():
+            while len(found) < page_size:
+                batch = await self._index_after(index, cursor, page_size * 2)
+                if not batch:
+                    return Page(tuple(found), "")
+                records = await self._fetch_many([key_id for key_id, _ in batch])
+                for (key_id, score), fields in zip(batch, records, strict=True):
+                    cursor = (score, key_id)
+                    if not fields:
+                        continue  # deleted between the index read and now
+                    key = _to_virtual_key(key_id, fields, now)
+                    if team_id and key.team_id != team_id:
+                        continue
+                    if status is not None and key.status(now) is not status:
+                        continue
+                    found.append(key)
+                    last = cursor
+                    if len(found) == page_size:
+                        break
+        more = bool(await self._index_after(index, last, 1)) if last else False
+        return Page(tuple(found), _encode_cursor(*last) if last and more else "")
+
+    async def _index_after(
+        self, index: str, cursor: tuple[int, str] | None, count: int
+    ) -> list[tuple[str, int]]:
+        """Up to `count` (id, created_ms) entries after the cursor, in (score, id) order."""
+        rows: list[tuple[str, float]]
+        if cursor is None:
+            rows = await self.redis.zrange(index, 0, count - 1, withscores=True)  # type: ignore[assignment]
+            return [(m, int(sc)) for m, sc in rows]
+        score, key_id = cursor
+        ties: list[str] = await self.redis.zrangebyscore(index, score, score)  # type: ignore[assignment]
+        after = [(m, score) for m in sorted(ties) if m > key_id][:count]
+        if len(after) < count:
+            rows = await self.redis.zrangebyscore(  # type: ignore[assignment]
+                index, f"({score}", "+inf", start=0, num=count - len(after), withscores=True
+            )
+            after.extend((m, int(sc)) for m, sc in rows)
+        return after
+
+    async def _fetch_many(self, key_ids: Iterable[str]) -> list[dict[str, str]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key_id in key_ids:
+                pipe.hgetall(record_key(key_id))
+            results: list[dict[str, str]] = await pipe.execute()
+        return results
+
+    async def key_ids_of(self, *, user_id: str = "", team_id: str = "") -> list[str]:
+        """Every key the user or team ever had (deleted ones too), for usage totals."""
+        index = index_key("user-hist", user_id) if user_id else index_key("team-hist", team_id)
+        async with _translated():
+            members: list[str] = await self.redis.zrange(index, 0, -1)  # type: ignore[assignment]
+        return members
+
+    async def usage(self, key_ids: Iterable[str], days: int) -> UsageSummary:
+        """Daily rollups for the last `days` UTC days (today included), summed over keys."""
+        ids = list(key_ids)
+        today = datetime.fromtimestamp(self.clock() / 1000, tz=UTC).date()
+        dates = [today - timedelta(days=offset) for offset in range(days - 1, -1, -1)]
+        async with _translated(), self.redis.pipeline(transaction=False) as pipe:
+            for key_id in ids:
+                for day in dates:
+                    pipe.hgetall(f"vk:{{{key_id}}}:usage:{day.strftime('%Y%m%d')}")
+            results: list[dict[str, str]] = await pipe.execute()
+        totals: dict[tuple[str, str], dict[str, int]] = {}
+        for index, fields in enumerate(results):
+            date = dates[index % len(dates)].isoformat()
+            for name, value in fields.items():
+                metric, _, model = name.partition(":")
+                row = totals.setdefault((date, model), {})
+                row[metric] = row.get(metric, 0) + int(value)
+        rows = tuple(
+            UsageRow(
+                date=date,
+                model=model,
+                requests=row.get("requests", 0),
+                prompt_tokens=row.get("prompt_tokens", 0),
+                completion_tokens=row.get("completion_tokens", 0),
+                cost_nanos=row.get("cost", 0),
+            )
+            for (date, model), row in sorted(totals.items())
+        )
+        return UsageSummary(rows, tuple(ids), dates[0].isoformat(), dates[-1].isoformat())
+
     async def _set_fields(self, key_id: str, fields: Mapping[str, str | int]) -> None:
         args = [item for pair in fields.items() for item in pair]
         async with _translated():
@@ -201,7 +416,15 @@ class KeyStore:
 
     async def check(self, key: ParsedKey, model: RequestedModel) -> Decision:
         """Decides one request in one round trip, counting it against RPM when allowed."""
-        args = [key.digest, self.clock(), model.kind.value, model.name, WINDOW_MS]
+        now = self.clock()
+        args = [
+            key.digest,
+            now,
+            model.kind.value,
+            model.name,
+            WINDOW_MS,
+            next_month_start_ms(now),
+        ]
         async with _translated():
             reply = await self._check(keys=[record_key(key.key_id)], args=args)
         code = int(reply[0])
@@ -225,10 +448,15 @@ class KeyStore:
             fields = await self._fetch(key.key_id)
         except NotFound:
             return Reason.INVALID_API_KEY, None
-        if not hmac.compare_digest(fields.get("hash", ""), key.digest):
+        now = self.clock()
+        current = hmac.compare_digest(fields.get("hash", ""), key.digest)
+        in_grace = now < int(fields.get("prev_hash_until") or 0) and hmac.compare_digest(
+            fields.get("prev_hash", ""), key.digest
+        )
+        if not (current or in_grace):
             return Reason.INVALID_API_KEY, None
-        record = _to_virtual_key(key.key_id, fields)
-        status = record.status(self.clock())
+        record = _to_virtual_key(key.key_id, fields, now)
+        status = record.status(now)
         if status is Status.REVOKED:
             return Reason.KEY_REVOKED, record
         if status is Status.EXPIRED:
@@ -254,6 +482,7 @@ class KeyStore:
             self.dedup_ttl_s,
             WINDOW_MS,
             self.usage_ttl_s,
+            next_month_start_ms(now),
         ]
         async with _translated():
             status, spent, budget = await self._report(keys=keys, args=args)
@@ -269,7 +498,11 @@ class KeyStore:
         )
 
 
-def _to_virtual_key(key_id: str, f: Mapping[str, str]) -> VirtualKey:
+def _to_virtual_key(key_id: str, f: Mapping[str, str], now_ms: int) -> VirtualKey:
+    """The record as of `now_ms`: a budget period that has ended reads as reset, as the
+    next script call will make it."""
+    reset_at = int(f.get("budget_reset_at") or 0)
+    rolled = reset_at != 0 and now_ms >= reset_at
     return VirtualKey(
         id=key_id,
         name=f.get("name", ""),
@@ -280,7 +513,7 @@ def _to_virtual_key(key_id: str, f: Mapping[str, str]) -> VirtualKey:
         revoked=f.get("status") == "revoked",
         allowed_models=decode_models(f.get("models", ALL_MODELS)),
         max_budget_nanos=int(f.get("max_budget", 0)),
-        spent_nanos=int(f.get("spent", 0)),
+        spent_nanos=0 if rolled else int(f.get("spent", 0)),
         tpm_limit=int(f.get("tpm_limit", 0)),
         rpm_limit=int(f.get("rpm_limit", 0)),
         metadata=json.loads(f.get("metadata", "{}")),
@@ -289,4 +522,6 @@ def _to_virtual_key(key_id: str, f: Mapping[str, str]) -> VirtualKey:
         window_start_ms=int(f.get("win_start", 0)),
         window_requests=int(f.get("win_requests", 0)),
         window_tokens=int(f.get("win_tokens", 0)),
+        budget_duration=f.get("budget_duration", ""),
+        budget_reset_at_ms=current_reset_ms(reset_at, int(f.get("budget_period_ms") or 0), now_ms),
     )

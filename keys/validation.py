@@ -21,7 +21,7 @@ MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_CHARS = 128
 MAX_METADATA_VALUE_CHARS = 1024
 MAX_REQUEST_ID_CHARS = 256
-MAX_LIMIT = 10**12
+MAX_LIMIT = 2**31 - 1
 MAX_TOKENS = 10**12
 
 
@@ -93,5 +93,29 @@ def expires_days(value: int | None, max_days: int) -> int:
     if not 1 <= value <= max_days:
         raise InvalidArgument(
             f"expires_days must be from 1 to {max_days} (VIRTUAL_KEY_MAX_EXPIRES_DAYS)"
+        )
+    return value
+
+
+def page_size(value: int, default: int = 50, maximum: int = 500) -> int:
+    if value == 0:
+        return default
+    if not 1 <= value <= maximum:
+        raise InvalidArgument(f"page_size must be from 1 to {maximum} (0 means {default})")
+    return value
+
+
+def grace_seconds(value: int, maximum: int = 30 * 86_400) -> int:
+    if not 0 <= value <= maximum:
+        raise InvalidArgument(f"grace_seconds must be from 0 to {maximum}")
+    return value
+
+
+def days(value: int, maximum: int, default: int = 30) -> int:
+    if value == 0:
+        return min(default, maximum)
+    if not 1 <= value <= maximum:
+        raise InvalidArgument(
+            f"days must be from 1 to {maximum} (EXTAUTHZ_USAGE_RETENTION_DAYS); 0 means {default}"
         )
     return value

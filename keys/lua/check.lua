@@ -1,10 +1,12 @@
 -- Check one request against a key and, when it passes, count it. The whole hot path.
+-- (keys/lua/_budget.lua is prepended: roll_budget, same_digest)
 -- KEYS[1]  the key's record hash, vk:{<id>}
 -- ARGV[1]  hex SHA-256 of the presented key
 -- ARGV[2]  now, ms since the epoch (the caller's clock)
 -- ARGV[3]  body model: 0 no body, 1 named (ARGV[4]), 2 unreadable
 -- ARGV[4]  model name
 -- ARGV[5]  rate window length, ms
+-- ARGV[6]  the first instant of next month (UTC), ms, for monthly budgets
 -- returns {code, user_id, team_id, rpm_limit, requests, tpm_limit, tokens, reset_ms}
 --   (only {code} for codes 1-5) where code is 0 allowed and counted, 1 unknown key or
 --   wrong secret, 2 revoked, 3 expired, 4 model not allowed, 5 budget spent,
@@ -15,39 +17,36 @@ local model_kind = ARGV[3]
 local model = ARGV[4]
 local window = tonumber(ARGV[5])
 
-local f = redis.call('HMGET', KEYS[1], 'hash', 'status', 'expires_at', 'models',
-  'max_budget', 'spent', 'rpm_limit', 'tpm_limit', 'win_start', 'win_requests',
-  'win_tokens', 'user_id', 'team_id')
-local stored = f[1]
-if not stored or #stored ~= #digest then return {1} end
--- constant time: every byte is compared whatever the first difference
-local diff = 0
-for i = 1, #digest do
-  diff = bit.bor(diff, bit.bxor(string.byte(digest, i), string.byte(stored, i)))
+local f = redis.call('HMGET', KEYS[1], 'hash', 'prev_hash', 'prev_hash_until', 'status',
+  'expires_at', 'models', 'max_budget', 'spent', 'budget_reset_at', 'budget_period_ms',
+  'rpm_limit', 'tpm_limit', 'win_start', 'win_requests', 'win_tokens', 'user_id', 'team_id')
+if not same_digest(digest, f[1]) then
+  -- a rotated-out secret keeps working until its grace period ends
+  if not (now < (tonumber(f[3]) or 0) and same_digest(digest, f[2])) then return {1} end
 end
-if diff ~= 0 then return {1} end
-if f[2] ~= 'active' then return {2} end
-local expires_at = tonumber(f[3])
+if f[4] ~= 'active' then return {2} end
+local expires_at = tonumber(f[5])
 if expires_at > 0 and now >= expires_at then return {3} end
-if f[4] ~= '*' and model_kind ~= '0' then
-  if model_kind ~= '1' or not string.find(f[4], '\n' .. model .. '\n', 1, true) then
+if f[6] ~= '*' and model_kind ~= '0' then
+  if model_kind ~= '1' or not string.find(f[6], '\n' .. model .. '\n', 1, true) then
     return {4}
   end
 end
 -- money as non-negative integer strings, compared exactly (no float rounding)
-local budget, spent = f[5], f[6]
+local budget, spent = f[7], f[8]
+if roll_budget(KEYS[1], now, f[9], f[10], tonumber(ARGV[6])) then spent = '0' end
 if budget ~= '0' and (#spent > #budget or (#spent == #budget and spent >= budget)) then
   return {5}
 end
 
-local rpm, tpm = tonumber(f[7]), tonumber(f[8])
-local start = tonumber(f[9])
-local requests, tokens = tonumber(f[10]), tonumber(f[11])
+local rpm, tpm = tonumber(f[11]), tonumber(f[12])
+local start = tonumber(f[13])
+local requests, tokens = tonumber(f[14]), tonumber(f[15])
 local fresh = now >= start + window
 if fresh then
   start, requests, tokens = now, 0, 0
 end
-local reply = {0, f[12], f[13], rpm, requests, tpm, tokens, start + window - now}
+local reply = {0, f[16], f[17], rpm, requests, tpm, tokens, start + window - now}
 if rpm > 0 and requests >= rpm then
   reply[1] = 6
   return reply

@@ -1,4 +1,5 @@
 -- Charge one completed request to a key, once per request id.
+-- (keys/lua/_budget.lua is prepended: roll_budget)
 -- KEYS[1]  the key's record hash, vk:{<id>}
 -- KEYS[2]  the request's idempotency marker, vk:{<id>}:req:<request_id>
 -- KEYS[3]  the key's rollup for today, vk:{<id>}:usage:<yyyymmdd>
@@ -11,6 +12,7 @@
 -- ARGV[7]  seconds to remember the request id
 -- ARGV[8]  rate window length, ms
 -- ARGV[9]  seconds to keep the daily rollup
+-- ARGV[10] the first instant of next month (UTC), ms, for monthly budgets
 -- returns {status, spent, max_budget}: status 0 unknown key, 1 charged, 2 duplicate
 --   (money as integer strings)
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, '0', '0'} end
@@ -18,9 +20,11 @@ if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ARGV[7]) then
   local f = redis.call('HMGET', KEYS[1], 'spent', 'max_budget')
   return {2, f[1], f[2]}
 end
+local now = tonumber(ARGV[1])
+local b = redis.call('HMGET', KEYS[1], 'budget_reset_at', 'budget_period_ms')
+roll_budget(KEYS[1], now, b[1], b[2], tonumber(ARGV[10]))
 redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
 
-local now = tonumber(ARGV[1])
 local start = tonumber(redis.call('HGET', KEYS[1], 'win_start'))
 if now >= start + tonumber(ARGV[8]) then
   redis.call('HSET', KEYS[1], 'win_start', ARGV[1], 'win_requests', 0, 'win_tokens', ARGV[3])

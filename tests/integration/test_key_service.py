@@ -189,7 +189,7 @@ def test_grpcurl_creates_a_key_through_reflection(server: Server) -> None:
     )
     reply = json.loads(result.stdout)
     assert reply["key"].startswith("sk-mp-" + reply["key_data"]["id"])
-    assert reply["key_data"]["rpm_limit"] == "5"
+    assert reply["key_data"]["rpm_limit"] == 5
 
 
 def test_grpcurl_lists_our_services(server: Server) -> None:

@@ -1,0 +1,27 @@
+-- Prepended to check.lua and report_usage.lua when they are loaded.
+-- roll_budget starts a new budget period once its reset time has passed: spent goes back
+-- to 0 and the reset moves to the next boundary (fixed periods step by their length;
+-- calendar months jump to next_month, the first instant of the next UTC month, which
+-- the caller computes). Returns true when it rolled.
+local function roll_budget(key, now, reset_at, period, next_month)
+  reset_at = tonumber(reset_at) or 0
+  if reset_at == 0 or now < reset_at then return false end
+  period = tonumber(period) or 0
+  local next_reset = next_month
+  if period > 0 then
+    next_reset = reset_at + (math.floor((now - reset_at) / period) + 1) * period
+  end
+  redis.call('HSET', key, 'spent', 0, 'budget_reset_at', string.format('%d', next_reset))
+  return true
+end
+
+-- Constant time: every byte is compared whatever the first difference.
+local function same_digest(a, b)
+  if not a or not b or #a ~= #b or #a == 0 then return false end
+  local diff = 0
+  for i = 1, #a do
+    diff = bit.bor(diff, bit.bxor(string.byte(a, i), string.byte(b, i)))
+  end
+  return diff == 0
+end
+
