@@ -63,3 +63,32 @@ def test_spend_reported_to_one_server_is_enforced_by_the_other(
     headers = {"authorization": f"Bearer {key}"}
     clients.report(data.id, "r1", cost=0.5)
     assert second_server.check(headers, chat_body()).denied_response.status.code == 402
+
+
+def test_rotation_on_one_server_is_seen_by_the_other_on_its_next_check(
+    clients: Clients, second_server: Clients
+) -> None:
+    old, data = clients.create_key()
+    assert second_server.check({"authorization": f"Bearer {old}"}, chat_body()).status.code == 0
+    clients.keys.RotateKey(
+        keys_pb2.RotateKeyRequest(id=data.id), metadata=bearer(clients.admin_token)
+    )
+    denied = second_server.check({"authorization": f"Bearer {old}"}, chat_body())
+    assert denied.denied_response.status.code == 401
+
+
+def test_deletion_and_downgrade_are_seen_by_the_other_server(
+    clients: Clients, second_server: Clients
+) -> None:
+    key, data = clients.create_key(allowed_models=["gpt-4", "gpt-4o"])
+    auth = {"authorization": f"Bearer {key}"}
+    assert second_server.check(auth, chat_body("gpt-4o")).status.code == 0
+    clients.keys.UpdateKey(
+        keys_pb2.UpdateKeyRequest(id=data.id, allowed_models=keys_pb2.ModelList(models=["gpt-4"])),
+        metadata=bearer(clients.admin_token),
+    )
+    assert second_server.check(auth, chat_body("gpt-4o")).denied_response.status.code == 403
+    clients.keys.DeleteKey(
+        keys_pb2.DeleteKeyRequest(id=data.id), metadata=bearer(clients.admin_token)
+    )
+    assert second_server.check(auth, chat_body("gpt-4")).denied_response.status.code == 401
