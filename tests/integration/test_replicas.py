@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from keys.v1 import keys_pb2
 from tests.conftest import Server, start_server
-from tests.helpers import Clients, chat_body
+from tests.helpers import Clients, bearer, chat_body
 
 pytestmark = pytest.mark.integration
 
