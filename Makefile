@@ -16,12 +16,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# redis-server comes from the machine; install it where it is missing (Debian).
+# redis-server and nginx (for the auth_request tests) come from the machine; install
+# them where they are missing (Debian).
+SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx
 system-deps:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server"; \
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null || [ -x /usr/sbin/$${pair%%:*} ] || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 protos: $(PROTO_OUT)
 
