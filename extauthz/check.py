@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -59,19 +59,32 @@ class Decider:
         self.public_paths = public_paths
         self.fail_open = fail_open
 
-    async def decide(self, path: str, headers: Mapping[str, str], body: bytes) -> Outcome:
+    async def decide(
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        model_of: Callable[[], RequestedModel],
+    ) -> Outcome:
+        """`model_of` reads the model (Envoy: from the body; nginx: from x-model) only
+        once a well-formed key makes it worth the work."""
         started = time.perf_counter()
-        outcome = await self._decide(path, headers, body)
+        outcome = await self._decide(path, headers, model_of)
         self._observe(outcome, time.perf_counter() - started)
         return outcome
 
-    async def _decide(self, path: str, headers: Mapping[str, str], body: bytes) -> Outcome:
+    async def _decide(
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        model_of: Callable[[], RequestedModel],
+    ) -> Outcome:
         if path.partition("?")[0] in self.public_paths:
             return _PUBLIC
         key = presented_key(headers)
         if key is None:
             return _NO_KEY
-        model = requested_model(body, headers)
+        model = model_of()
+        started = time.perf_counter()
         try:
             decision = await self.store.check(key, model)
         except StoreUnavailable:
@@ -79,6 +92,8 @@ class Decider:
             if self.fail_open:
                 return Outcome(Verdict.UNVERIFIED, Decision(Reason.OK, key.key_id), model)
             return Outcome(Verdict.DENY, Decision(Reason.AUTH_UNAVAILABLE, key.key_id), model)
+        finally:
+            self.metrics.redis_latency.labels("check").observe(time.perf_counter() - started)
         verdict = Verdict.ALLOW if decision.allowed else Verdict.DENY
         return Outcome(verdict, decision, model)
 
@@ -87,7 +102,8 @@ class Decider:
         label = outcome.verdict.value if decision.allowed else decision.reason.value
         self.metrics.check_duration.labels(label).observe(seconds)
         if outcome.verdict is Verdict.ALLOW:
-            self.metrics.key_requests.labels(decision.key_id, self._model_label(outcome)).inc()
+            self.metrics.count_request(decision.key_id, self._model_label(outcome))
+            log.debug("allowed", extra={"key_id": decision.key_id})
         elif outcome.verdict is Verdict.DENY:
             self.metrics.validation_failures.labels(decision.reason.value).inc()
             log.info(
@@ -132,7 +148,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         http = request.attributes.request.http
         headers = http_headers(http)
         body = http.raw_body or http.body.encode()
-        outcome = await self.decider.decide(http.path, headers, body)
+        outcome = await self.decider.decide(
+            http.path, headers, lambda: requested_model(body, headers)
+        )
         if outcome.verdict is Verdict.ALLOW:
             return responses.envoy_allow(outcome.decision, headers)
         if outcome.verdict is Verdict.PUBLIC:

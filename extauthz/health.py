@@ -9,6 +9,8 @@ import logging
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer as HealthServicer  # = health.aio
 
+from extauthz.metrics import Metrics
+from keys.errors import StoreUnavailable
 from keys.store import KeyStore
 
 log = logging.getLogger("extauthz.health")
@@ -21,9 +23,16 @@ SERVICES = (
 
 
 class RedisWatch:
-    def __init__(self, store: KeyStore, servicer: HealthServicer, interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        servicer: HealthServicer,
+        metrics: Metrics,
+        interval_s: float = 1.0,
+    ) -> None:
         self.store = store
         self.servicer = servicer
+        self.metrics = metrics
         self.interval_s = interval_s
         self.redis_ok = False
         self.stopping = False
@@ -44,6 +53,12 @@ class RedisWatch:
 
     async def _probe(self) -> None:
         ok = await self.store.ping()
+        if ok and not self.redis_ok:
+            try:  # scripts are gone after a Redis restart: load them before going ready
+                await self.store.load_scripts()
+            except StoreUnavailable:
+                ok = False
+        self.metrics.redis_up.set(1 if ok else 0)
         if ok != self.redis_ok:
             log.log(
                 logging.INFO if ok else logging.WARNING,

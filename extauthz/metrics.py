@@ -2,31 +2,36 @@
 
 Label values never carry a secret: key ids are public, reasons are a fixed set, and a
 model label is a priced model's name or `other` (clients choose model strings freely).
+Fleets with many keys can drop the `key_id` label (EXTAUTHZ_METRICS_KEY_ID=false).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, per_key: bool = True) -> None:
         self.registry = registry or CollectorRegistry()
+        self.per_key = per_key
         r = self.registry
+        key = ["key_id"] if per_key else []
         self.key_requests = Counter(
             "ailb_key_requests_total",
             "Total requests per virtual key",
-            ["key_id", "model"],
+            [*key, "model"],
             registry=r,
         )
         self.key_tokens = Counter(
             "ailb_key_tokens_total",
             "Total tokens consumed per virtual key",
-            ["key_id", "model"],
+            [*key, "model"],
             registry=r,
         )
         self.key_cost = Counter(
-            "ailb_key_cost_total", "Total cost per virtual key in USD", ["key_id"], registry=r
+            "ailb_key_cost_total", "Total cost per virtual key in USD", key, registry=r
         )
         self.validation_failures = Counter(
             "ailb_key_validation_failures_total",
@@ -38,7 +43,7 @@ class Metrics:
             "extauthz_check_duration_seconds",
             "Check latency by decision",
             ["decision"],
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.usage_reports = Counter(
@@ -53,3 +58,23 @@ class Metrics:
             ["op"],
             registry=r,
         )
+        self.redis_latency = Histogram(
+            "extauthz_redis_latency_seconds",
+            "Store call latency (one script call each)",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.redis_up = Gauge(
+            "extauthz_redis_up", "1 while the health watcher reaches Redis", registry=r
+        )
+
+    def _key(self, key_id: str) -> list[str]:
+        return [key_id] if self.per_key else []
+
+    def count_request(self, key_id: str, model: str) -> None:
+        self.key_requests.labels(*self._key(key_id), model).inc()
+
+    def count_usage(self, key_id: str, model: str, tokens: int, cost_usd: float) -> None:
+        self.key_tokens.labels(*self._key(key_id), model).inc(tokens)
+        self.key_cost.labels(*self._key(key_id)).inc(cost_usd)

