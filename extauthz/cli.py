@@ -1,0 +1,536 @@
+"""vkeys: the admin command line for virtual keys, over gRPC (keys.v1 KeyService / UsageService).
+
+The server address comes from --addr or EXTAUTHZ_ADDR (default 127.0.0.1:9191), the admin token
+from --token or EXTAUTHZ_ADMIN_TOKEN. Output is a readable table, or JSON with --json. Errors
+print one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from keys.v1 import keys_pb2, keys_pb2_grpc
+
+DEFAULT_ADDR = "127.0.0.1:9191"
+DEFAULT_TIMEOUT_S = 10.0
+BAR_WIDTH = 40
+BAR = "█"
+INT32_MAX = 2**31 - 1
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class CliError(Exception):
+    """A mistake in the command line that argparse cannot see; one line, exit 1."""
+
+
+@dataclass
+class Api:
+    """The two stubs, with the metadata and timeout every call carries."""
+
+    channel: grpc.Channel
+    metadata: tuple[tuple[str, str], ...]
+    timeout: float
+
+    @property
+    def keys(self) -> keys_pb2_grpc.KeyServiceStub:
+        return keys_pb2_grpc.KeyServiceStub(self.channel)
+
+    @property
+    def usage(self) -> keys_pb2_grpc.UsageServiceStub:
+        return keys_pb2_grpc.UsageServiceStub(self.channel)
+
+    def call(self, method: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req) -> Resp:
+        return method(request, timeout=self.timeout, metadata=self.metadata, wait_for_ready=False)
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def usd(value: float) -> str:
+    text = f"{value:.6f}".rstrip("0")
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"
+
+
+def limit(value: float) -> str:
+    return "unlimited" if value == 0 else f"{value:,}"
+
+
+def budget(value: float) -> str:
+    return "unlimited" if value == 0 else usd(value)
+
+
+def when(stamp: Timestamp, unset: str = "never", fmt: str = "%Y-%m-%d %H:%M:%S UTC") -> str:
+    if stamp.seconds == 0 and stamp.nanos == 0:
+        return unset
+    return stamp.ToDatetime(tzinfo=dt.UTC).strftime(fmt)
+
+
+def models(names: Iterable[str]) -> str:
+    listed = list(names)
+    return "* (all)" if listed in ([], ["*"]) else ", ".join(listed)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def key_details(data: keys_pb2.KeyData) -> str:
+    remaining = usd(data.budget_remaining) if data.HasField("budget_remaining") else "unlimited"
+    fields = [
+        ("id", data.id),
+        ("name", data.name),
+        ("user_id", data.user_id),
+        ("team_id", data.team_id or "-"),
+        ("status", data.status),
+        ("created_at", when(data.created_at)),
+        ("expires_at", when(data.expires_at)),
+        ("allowed_models", models(data.allowed_models)),
+        ("max_budget", budget(data.max_budget)),
+        ("spent", usd(data.spent)),
+        ("budget_remaining", remaining),
+        ("budget_duration", data.budget_duration or "-"),
+        ("budget_reset_at", when(data.budget_reset_at, unset="-")),
+        ("tpm_limit", limit(data.tpm_limit)),
+        ("rpm_limit", limit(data.rpm_limit)),
+        ("total_requests", f"{data.total_requests:,}"),
+        ("last_used", when(data.last_used)),
+        ("metadata", ", ".join(f"{k}={v}" for k, v in sorted(data.metadata.items())) or "-"),
+    ]
+    width = max(len(name) for name, _ in fields)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in fields)
+
+
+def key_table(keys: Sequence[keys_pb2.KeyData]) -> str:
+    headers = ["id", "name", "user", "team", "status", "spent/budget", "rpm", "tpm", "expires"]
+    rows = [
+        [
+            k.id,
+            k.name,
+            k.user_id,
+            k.team_id or "-",
+            k.status,
+            f"{usd(k.spent)}/{budget(k.max_budget)}",
+            limit(k.rpm_limit),
+            limit(k.tpm_limit),
+            when(k.expires_at, fmt="%Y-%m-%d"),
+        ]
+        for k in keys
+    ]
+    return table(headers, rows, right=(5, 6, 7))
+
+
+def new_key(verb: str, reply: keys_pb2.CreateKeyResponse, note: str = "") -> str:
+    return "\n".join(
+        [
+            f"{verb} key {reply.key_data.id} ({reply.key_data.name})",
+            "",
+            f"    {reply.key}",
+            "",
+            "Save this key now: it is shown only once and cannot be recovered." + note,
+            "",
+            key_details(reply.key_data),
+        ]
+    )
+
+
+def as_dict(message: Message) -> dict[str, Any]:
+    return MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def emit(args: argparse.Namespace, message: Message, text: str) -> None:
+    print(json.dumps(as_dict(message), indent=2) if args.json else text)
+
+
+# ---------------------------------------------------------------- usage chart
+
+
+@dataclass
+class Day:
+    cost: float = 0.0
+    tokens: int = 0
+    requests: int = 0
+
+
+def days_of(reply: keys_pb2.GetUsageResponse) -> dict[str, Day]:
+    """One entry per day from start_date to end_date, days without rows included."""
+    dates = sorted({row.date for row in reply.rows})
+    first = reply.start_date or (dates[0] if dates else "")
+    last = reply.end_date or (dates[-1] if dates else "")
+    days: dict[str, Day] = {}
+    if first and last:
+        day, end = dt.date.fromisoformat(first), dt.date.fromisoformat(last)
+        while day <= end:
+            days[day.isoformat()] = Day()
+            day += dt.timedelta(days=1)
+    for row in reply.rows:
+        entry = days.setdefault(row.date, Day())
+        entry.cost += row.cost
+        entry.tokens += row.prompt_tokens + row.completion_tokens
+        entry.requests += row.requests
+    return dict(sorted(days.items()))
+
+
+def bar(value: float, largest: float) -> str:
+    if value <= 0 or largest <= 0:
+        return ""
+    return BAR * max(1, round(value / largest * BAR_WIDTH))
+
+
+def chart(days: dict[str, Day]) -> str:
+    by_cost = any(d.cost > 0 for d in days.values())
+    measure: Callable[[Day], float] = (lambda d: d.cost) if by_cost else (lambda d: d.tokens)
+    largest = max((measure(d) for d in days.values()), default=0)
+    lines = [f"per day (bar: {'cost' if by_cost else 'tokens'})"]
+    for date, day in days.items():
+        numbers = (
+            f"{usd(day.cost)}  {day.requests:,} req  {day.tokens:,} tok" if day.requests else ""
+        )
+        lines.append(f"{date}  {bar(measure(day), largest).ljust(BAR_WIDTH)}  {numbers}".rstrip())
+    return "\n".join(lines)
+
+
+def model_table(rows: Iterable[keys_pb2.UsageRow]) -> str:
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
+    for row in rows:
+        entry = totals[row.model]
+        entry[0] += row.requests
+        entry[1] += row.prompt_tokens
+        entry[2] += row.completion_tokens
+        entry[3] += row.cost
+    ordered = sorted(totals.items(), key=lambda item: (-item[1][3], item[0]))
+    body = [
+        [model, f"{int(r):,}", f"{int(p):,}", f"{int(c):,}", usd(cost)]
+        for model, (r, p, c, cost) in ordered
+    ]
+    headers = ["model", "requests", "prompt", "completion", "cost"]
+    return table(headers, body, right=(1, 2, 3, 4)) if body else "no usage by model"
+
+
+def usage_report(subject: str, reply: keys_pb2.GetUsageResponse) -> str:
+    t = reply.totals
+    return "\n\n".join(
+        [
+            f"usage of {subject}, {reply.start_date} .. {reply.end_date}"
+            f" ({len(reply.key_ids)} key{'' if len(reply.key_ids) == 1 else 's'})",
+            f"requests {t.requests:,}   prompt tokens {t.prompt_tokens:,}   completion tokens"
+            f" {t.completion_tokens:,}   total tokens {t.total_tokens:,}   cost {usd(t.cost)}",
+            chart(days_of(reply)),
+            model_table(reply.rows),
+        ]
+    )
+
+
+# ---------------------------------------------------------------- commands
+
+
+OPTIONAL_FIELDS = (
+    ("expires_days", "expires_days"),
+    ("max_budget", "max_budget"),
+    ("tpm", "tpm_limit"),
+    ("rpm", "rpm_limit"),
+)
+
+
+def set_given(request: Message, args: argparse.Namespace) -> None:
+    """Sets only the optional fields whose flag was given (left out: the server decides)."""
+    for flag, field in OPTIONAL_FIELDS:
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(request, field, value)
+
+
+def cmd_create(api: Api, args: argparse.Namespace) -> int:
+    request = keys_pb2.CreateKeyRequest(
+        name=args.name,
+        user_id=args.user_id,
+        team_id=args.team_id,
+        allowed_models=args.model or [],
+        metadata=dict(args.metadata or []),
+        budget_duration=args.budget_duration,
+    )
+    set_given(request, args)
+    reply = api.call(api.keys.CreateKey, request)
+    emit(args, reply, new_key("created", reply))
+    return 0
+
+
+def cmd_list(api: Api, args: argparse.Namespace) -> int:
+    request = keys_pb2.ListKeysRequest(
+        user_id=args.user_id,
+        team_id=args.team_id,
+        status=args.status,
+        page_size=args.page_size,
+        page_token=args.page_token,
+    )
+    reply = api.call(api.keys.ListKeys, request)
+    keys = list(reply.keys)
+    while args.all and reply.next_page_token:
+        request.page_token = reply.next_page_token
+        reply = api.call(api.keys.ListKeys, request)
+        keys.extend(reply.keys)
+    result = keys_pb2.ListKeysResponse(keys=keys, next_page_token=reply.next_page_token)
+    text = key_table(keys) if keys else "no keys"
+    if reply.next_page_token:
+        text += f"\n\nmore: vkeys list --page-token {reply.next_page_token} (or --all)"
+    emit(args, result, text)
+    return 0
+
+
+def cmd_show(api: Api, args: argparse.Namespace) -> int:
+    data = api.call(api.keys.GetKey, keys_pb2.GetKeyRequest(id=args.key_id))
+    emit(args, data, key_details(data))
+    return 0
+
+
+def update_request(args: argparse.Namespace) -> keys_pb2.UpdateKeyRequest:
+    request = keys_pb2.UpdateKeyRequest(id=args.key_id)
+    set_given(request, args)
+    if args.name is not None:
+        request.name = args.name
+    if args.budget_duration is not None:
+        request.budget_duration = args.budget_duration
+    if args.model is not None:
+        request.allowed_models.CopyFrom(keys_pb2.ModelList(models=args.model))
+    if args.metadata is not None or args.clear_metadata:
+        request.metadata.CopyFrom(keys_pb2.Metadata(entries=dict(args.metadata or [])))
+    if [field.name for field, _ in request.ListFields()] in ([], ["id"]):
+        raise CliError("nothing to update: give at least one field flag (see vkeys update -h)")
+    return request
+
+
+def cmd_update(api: Api, args: argparse.Namespace) -> int:
+    data = api.call(api.keys.UpdateKey, update_request(args))
+    emit(args, data, f"updated key {data.id}\n\n{key_details(data)}")
+    return 0
+
+
+def cmd_revoke(api: Api, args: argparse.Namespace) -> int:
+    data = api.call(api.keys.RevokeKey, keys_pb2.RevokeKeyRequest(id=args.key_id))
+    emit(args, data, f"revoked key {data.id}\n\n{key_details(data)}")
+    return 0
+
+
+def cmd_rotate(api: Api, args: argparse.Namespace) -> int:
+    request = keys_pb2.RotateKeyRequest(id=args.key_id, grace_seconds=args.grace_seconds)
+    reply = api.call(api.keys.RotateKey, request)
+    old = (
+        f" The old key works for {args.grace_seconds} more seconds."
+        if args.grace_seconds
+        else " The old key no longer works."
+    )
+    emit(args, reply, new_key("rotated", reply, old))
+    return 0
+
+
+def cmd_delete(api: Api, args: argparse.Namespace) -> int:
+    reply = api.call(api.keys.DeleteKey, keys_pb2.DeleteKeyRequest(id=args.key_id))
+    emit(args, reply, f"deleted key {reply.id}")
+    return 0
+
+
+def cmd_validate(api: Api, args: argparse.Namespace) -> int:
+    key = args.key if args.key not in (None, "-") else sys.stdin.readline().strip()
+    reply = api.call(api.keys.ValidateKey, keys_pb2.ValidateKeyRequest(key=key))
+    verdict = "valid" if reply.valid else f"invalid: {reply.error or 'invalid_api_key'}"
+    parts = [f"{verdict} (key id {reply.key_id or '-'})"]
+    if reply.HasField("key_data"):
+        parts.append(key_details(reply.key_data))
+    emit(args, reply, "\n\n".join(parts))
+    return 0 if reply.valid else 1
+
+
+def cmd_usage(api: Api, args: argparse.Namespace) -> int:
+    given = {"key_id": args.key_id, "user_id": args.user_id, "team_id": args.team_id}
+    chosen = [(field, value) for field, value in given.items() if value]
+    if len(chosen) != 1:
+        raise CliError("give exactly one of KEY_ID, --user-id or --team-id")
+    field, value = chosen[0]
+    request = keys_pb2.GetUsageRequest(days=args.days, **{field: value})
+    reply = api.call(api.usage.GetUsage, request)
+    emit(args, reply, usage_report(f"{field.removesuffix('_id')} {value}", reply))
+    return 0
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def int32(text: str) -> int:
+    value = int(text)
+    if not -INT32_MAX - 1 <= value <= INT32_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is out of range")
+    return value
+
+
+def pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def common_options(defaults: bool) -> argparse.ArgumentParser:
+    """Options valid before or after the subcommand; sub-parsers leave unset ones alone."""
+    parser = argparse.ArgumentParser(add_help=False)
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--addr", default=default(None), help="server host:port (EXTAUTHZ_ADDR)")
+    parser.add_argument("--token", default=default(None), help="admin token (EXTAUTHZ_ADMIN_TOKEN)")
+    parser.add_argument("--user", default=default(None), help="send x-user-id: scope to this user")
+    parser.add_argument("--json", action="store_true", default=default(False), help="print JSON")
+    parser.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT_S), help="seconds")
+    parser.add_argument("--tls-ca", default=default(None), help="CA file: use TLS")
+    parser.add_argument("--tls-cert", default=default(None), help="client certificate (mTLS)")
+    parser.add_argument("--tls-key", default=default(None), help="client private key (mTLS)")
+    return parser
+
+
+def limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--expires-days", type=int32, help="expire this many days from now")
+    parser.add_argument("--model", action="append", help="allowed model (repeat; '*' for all)")
+    parser.add_argument("--max-budget", type=float, help="USD; 0 for no budget")
+    parser.add_argument("--tpm", type=int32, help="tokens per minute; 0 for no limit")
+    parser.add_argument("--rpm", type=int32, help="requests per minute; 0 for no limit")
+    parser.add_argument("--metadata", action="append", type=pair, metavar="K=V", help="(repeat)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vkeys", description=__doc__, parents=[common_options(defaults=True)]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = common_options(defaults=False)
+
+    def command(
+        name: str, run: Callable[[Api, argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        p.set_defaults(run=run)
+        return p
+
+    create = command("create", cmd_create, "create a key (the full key is printed once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--user-id", default="")
+    create.add_argument("--team-id", default="")
+    create.add_argument("--budget-duration", default="", help="<N>h, <N>d or 1mo")
+    limit_options(create)
+
+    ls = command("list", cmd_list, "list keys, oldest first")
+    ls.add_argument("--user-id", default="")
+    ls.add_argument("--team-id", default="")
+    ls.add_argument("--status", default="", choices=["", "active", "revoked", "expired"])
+    ls.add_argument("--page-size", type=int32, default=0, help="1..500 (default 50)")
+    ls.add_argument("--page-token", default="")
+    ls.add_argument("--all", action="store_true", help="follow every page")
+
+    command("show", cmd_show, "show every field of a key").add_argument("key_id")
+
+    update = command("update", cmd_update, "change only the given fields of a key")
+    update.add_argument("key_id")
+    update.add_argument("--name")
+    update.add_argument("--budget-duration", help="<N>h, <N>d or 1mo; '' stops resets")
+    update.add_argument("--clear-metadata", action="store_true", help="remove all metadata")
+    limit_options(update)
+
+    command("revoke", cmd_revoke, "revoke a key").add_argument("key_id")
+
+    rotate = command("rotate", cmd_rotate, "new secret for a key (printed once)")
+    rotate.add_argument("key_id")
+    rotate.add_argument("--grace-seconds", type=int32, default=0, help="old key keeps working")
+
+    delete = command("delete", cmd_delete, "delete a key")
+    delete.add_argument("key_id")
+    delete.add_argument("--yes", "-y", action="store_true", help="accepted; never asks")
+
+    validate = command("validate", cmd_validate, "check a full key (exit 1 when invalid)")
+    validate.add_argument("key", nargs="?", help="the key; '-' or absent reads stdin")
+
+    usage = command("usage", cmd_usage, "usage totals, a per-day chart and per-model table")
+    usage.add_argument("key_id", nargs="?")
+    usage.add_argument("--user-id", default="")
+    usage.add_argument("--team-id", default="")
+    usage.add_argument("--days", type=int32, default=30)
+    return parser
+
+
+# ---------------------------------------------------------------- main
+
+
+def open_channel(args: argparse.Namespace, addr: str) -> grpc.Channel:
+    if not (args.tls_ca or args.tls_cert):
+        return grpc.insecure_channel(addr)
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    credentials = grpc.ssl_channel_credentials(
+        read(args.tls_ca), read(args.tls_key), read(args.tls_cert)
+    )
+    return grpc.secure_channel(addr, credentials)
+
+
+def rpc_message(err: grpc.RpcError, addr: str) -> str:
+    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (err.details() if isinstance(err, grpc.Call) else str(err)) or ""
+    if code is grpc.StatusCode.UNAVAILABLE:
+        details = f"cannot reach {addr}: {details}"
+    elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = f"no answer from {addr} in time: {details}"
+    return f"{code.name}: {' '.join(details.split())}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    addr = args.addr or os.environ.get("EXTAUTHZ_ADDR") or DEFAULT_ADDR
+    token = args.token if args.token is not None else os.environ.get("EXTAUTHZ_ADMIN_TOKEN", "")
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    if args.user:
+        metadata.append(("x-user-id", args.user))
+    try:
+        with open_channel(args, addr) as channel:
+            code: int = args.run(Api(channel, tuple(metadata), args.timeout), args)
+            return code
+    except grpc.RpcError as err:
+        return fail(rpc_message(err, addr))
+    except (CliError, OSError) as err:
+        return fail(str(err))
+    except KeyboardInterrupt:
+        return 130
+
+
+def fail(message: str) -> int:
+    print(f"vkeys: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
