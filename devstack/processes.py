@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -162,12 +163,23 @@ def start_extauthz(env: Mapping[str, str], log_path: Path) -> Process:
 
 
 ENVOY_PORTS = {"listener": 10000, "extauthz": 9191, "upstream": 8000, "admin": 9901}
+# grpc_json_transcoder's descriptor set, as envoy.yaml names it: relative to the repo root.
+ENVOY_DESCRIPTOR = "keys/v1/keys.pb"
 
 
 def render_envoy_config(ports: Mapping[str, int], template: Path = ROOT / "envoy.yaml") -> str:
+    """envoy.yaml with `ports` in place of the defaults and the descriptor path made absolute
+    (under ROOT), so the Envoy it configures may run from any working directory."""
     text = template.read_text()
     for name, default in ENVOY_PORTS.items():
         text = text.replace(f"port_value: {default} ", f"port_value: {ports[name]} ")
+    relative = f"proto_descriptor: {ENVOY_DESCRIPTOR}"
+    if relative in text:
+        descriptor = ROOT / ENVOY_DESCRIPTOR
+        if not descriptor.is_file():
+            raise FileNotFoundError(f"{descriptor} is missing; run `make protos`")
+        # A JSON string is a YAML double-quoted scalar: safe for any path.
+        text = text.replace(relative, f"proto_descriptor: {json.dumps(str(descriptor))}")
     return text
 
 

@@ -1,0 +1,236 @@
+"""The integration guide's REST calls (/api/...), through Envoy's grpc_json_transcoder to the
+KeyService and UsageService, with the admin bearer token, as a client would send them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devstack import processes as p
+from devstack.mock_upstream import MockUpstream
+from tests.conftest import SERVER_DEFAULTS, Envoy, Server
+from tests.helpers import HttpReply, chat_body, fetch
+
+pytestmark = pytest.mark.e2e
+
+# The guide's "Creating a Virtual Key" body, verbatim.
+GUIDE_BODY: dict[str, Any] = {
+    "name": "My Production Key",
+    "user_id": "user_123",
+    "expires_days": 365,
+    "allowed_models": ["gpt-4", "claude-3-opus"],
+    "max_budget": 100.0,
+    "tpm_limit": 10000,
+    "rpm_limit": 60,
+}
+# The session server caps expires_days lower than the production default of 365.
+MAX_DAYS = int(SERVER_DEFAULTS["VIRTUAL_KEY_MAX_EXPIRES_DAYS"])
+
+
+def api(
+    envoy: Envoy,
+    method: str,
+    path: str,
+    token: str | None,
+    body: dict[str, Any] | None = None,
+    user: str | None = "user_123",
+) -> HttpReply:
+    headers = {"content-type": "application/json"}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    if user is not None:
+        headers["x-user-id"] = user
+    data = json.dumps(body).encode() if body is not None else None
+    return fetch(envoy.port, method, path, headers, data)
+
+
+def create(envoy: Envoy, server: Server, **changes: Any) -> dict[str, Any]:
+    reply = api(
+        envoy,
+        "POST",
+        "/api/keys",
+        server.admin_token,
+        {**GUIDE_BODY, "expires_days": MAX_DAYS, **changes},
+    )
+    assert reply.status == 200, reply.body
+    created: dict[str, Any] = reply.json()
+    return created
+
+
+def complete(envoy: Envoy, key: str) -> HttpReply:
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    return fetch(envoy.port, "POST", "/v1/chat/completions", headers, chat_body())
+
+
+def test_guide_body_creates_a_key_with_proto_field_names(envoy: Envoy, server: Server) -> None:
+    reply = api(
+        envoy,
+        "POST",
+        "/api/keys",
+        server.admin_token,
+        {**GUIDE_BODY, "expires_days": MAX_DAYS},
+    )
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "application/json"
+    body = reply.json()
+    assert body["key"].startswith("sk-mp-")
+    data = body["key_data"]
+    assert data["user_id"] == "user_123"  # proto names, not userId
+    assert data["max_budget"] == 100
+    assert data["allowed_models"] == ["gpt-4", "claude-3-opus"]
+    assert data["tpm_limit"] == 10000 and data["rpm_limit"] == 60
+    # Primitive fields are printed even when zero or empty.
+    assert data["spent"] == 0 and data["team_id"] == ""
+    assert body["key"].startswith(f"sk-mp-{data['id']}-")
+
+
+def test_created_key_works_for_chat_completions(
+    envoy: Envoy, server: Server, upstream: MockUpstream
+) -> None:
+    created = create(envoy, server)
+    reply = complete(envoy, created["key"])
+    assert reply.status == 200
+    assert reply.json()["object"] == "chat.completion"
+    # The LLM route is not transcoded: the upstream gets the client's JSON body as sent.
+    saw = upstream.seen[-1]
+    assert saw.path == "/v1/chat/completions"
+    assert saw.body == chat_body()
+    assert saw.headers["content-type"] == "application/json"
+    assert saw.headers["x-virtual-key-id"] == created["key_data"]["id"]
+
+
+def test_usage_after_one_completion(envoy: Envoy, server: Server) -> None:
+    created = create(envoy, server)
+    key_id = created["key_data"]["id"]
+    before = datetime.now(UTC).date().isoformat()
+    assert complete(envoy, created["key"]).status == 200
+    reply = api(envoy, "GET", f"/api/keys/{key_id}/usage?days=30", server.admin_token)
+    after = datetime.now(UTC).date().isoformat()
+    assert reply.status == 200
+    usage = reply.json()
+    # int64 fields are JSON strings (proto3 JSON mapping); doubles are numbers.
+    assert usage["totals"]["requests"] == "1"
+    assert int(usage["totals"]["total_tokens"]) > 0
+    assert usage["totals"]["cost"] > 0
+    [row] = usage["rows"]
+    assert row["date"] in {before, after}
+    assert row["date"] == usage["end_date"]
+    assert row["model"] == "gpt-4" and row["requests"] == "1"
+    assert usage["key_ids"] == [key_id]
+
+
+def test_another_users_key_is_404(envoy: Envoy, server: Server) -> None:
+    key_id = create(envoy, server)["key_data"]["id"]
+    assert api(envoy, "GET", f"/api/keys/{key_id}", server.admin_token).status == 200
+    reply = api(envoy, "GET", f"/api/keys/{key_id}", server.admin_token, user="user_456")
+    assert reply.status == 404
+    assert reply.json()["code"] == 5  # NOT_FOUND
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_missing_or_wrong_admin_token_is_401_with_json_and_never_reaches_upstream(
+    envoy: Envoy, upstream: MockUpstream, token: str | None
+) -> None:
+    before = len(upstream.seen)
+    reply = api(envoy, "POST", "/api/keys", token, GUIDE_BODY)
+    assert reply.status == 401
+    assert reply.headers["content-type"] == "application/json"
+    error = reply.json()
+    assert error["code"] == 16  # UNAUTHENTICATED
+    assert error["message"]
+    assert len(upstream.seen) == before
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"max_budget": -1}, {"expires_days": MAX_DAYS + 1}, {"rpm_limit": -5}],
+    ids=["negative-budget", "expires-too-late", "negative-rpm"],
+)
+def test_invalid_body_is_400(envoy: Envoy, server: Server, change: dict[str, Any]) -> None:
+    reply = api(envoy, "POST", "/api/keys", server.admin_token, {**GUIDE_BODY, **change})
+    assert reply.status == 400
+    assert reply.json()["code"] == 3  # INVALID_ARGUMENT
+
+
+def test_malformed_json_is_400(envoy: Envoy, server: Server) -> None:
+    headers = {"authorization": f"Bearer {server.admin_token}", "content-type": "application/json"}
+    reply = fetch(envoy.port, "POST", "/api/keys", headers, b'{"name": ')
+    assert reply.status == 400
+
+
+def test_patch_changes_only_rpm_limit(envoy: Envoy, server: Server) -> None:
+    data = create(envoy, server)["key_data"]
+    reply = api(envoy, "PATCH", f"/api/keys/{data['id']}", server.admin_token, {"rpm_limit": 7})
+    assert reply.status == 200
+    updated = reply.json()
+    assert updated["rpm_limit"] == 7
+    assert {k: v for k, v in updated.items() if k != "rpm_limit"} == {
+        k: v for k, v in data.items() if k != "rpm_limit"
+    }
+    assert api(envoy, "GET", f"/api/keys/{data['id']}", server.admin_token).json() == updated
+
+
+def test_revoked_key_gets_401_key_revoked(envoy: Envoy, server: Server) -> None:
+    created = create(envoy, server)
+    assert complete(envoy, created["key"]).status == 200
+    key_id = created["key_data"]["id"]
+    reply = api(envoy, "POST", f"/api/keys/{key_id}/revoke", server.admin_token, {})
+    assert reply.status == 200
+    assert reply.json()["status"] == "revoked"
+    denied = complete(envoy, created["key"])
+    assert denied.status == 401
+    assert denied.json()["error"]["code"] == "key_revoked"
+
+
+def test_deleted_key_reads_as_404(envoy: Envoy, server: Server) -> None:
+    key_id = create(envoy, server)["key_data"]["id"]
+    reply = api(envoy, "DELETE", f"/api/keys/{key_id}", server.admin_token)
+    assert reply.status == 200
+    assert reply.json() == {"id": key_id}
+    assert api(envoy, "GET", f"/api/keys/{key_id}", server.admin_token).status == 404
+
+
+def test_validate_needs_no_admin_token(envoy: Envoy, server: Server) -> None:
+    created = create(envoy, server)
+    reply = api(envoy, "POST", "/api/keys/validate", None, {"key": created["key"]}, user=None)
+    assert reply.status == 200
+    body = reply.json()
+    assert body["valid"] is True and body["error"] == ""
+    assert body["key_id"] == created["key_data"]["id"]
+
+
+def test_unknown_api_path_is_404_and_never_reaches_upstream(
+    envoy: Envoy, server: Server, upstream: MockUpstream
+) -> None:
+    before = len(upstream.seen)
+    reply = api(envoy, "GET", "/api/nothing/here", server.admin_token)
+    assert reply.status == 404
+    assert len(upstream.seen) == before
+
+
+def test_unknown_query_parameter_is_400(envoy: Envoy, server: Server) -> None:
+    key_id = create(envoy, server)["key_data"]["id"]
+    reply = api(envoy, "GET", f"/api/keys/{key_id}/usage?dayz=30", server.admin_token)
+    assert reply.status == 400
+
+
+def test_rendered_config_finds_the_descriptor_from_any_directory(tmp_path: Path) -> None:
+    config = tmp_path / "envoy.yaml"
+    config.write_text(p.render_envoy_config(p.ENVOY_PORTS))
+    assert f"proto_descriptor: {json.dumps(str(p.ROOT / p.ENVOY_DESCRIPTOR))}" in (
+        config.read_text()
+    )
+    result = subprocess.run(
+        [p.executable("envoy"), "--mode", "validate", "-c", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
