@@ -201,3 +201,42 @@ def terminate_all(processes: list[Process]) -> None:
     for process in reversed(processes):
         with contextlib.suppress(Exception):
             process.stop()
+
+
+NGINX_PORTS = {"listener": 8080, "extauthz_http": 9192, "upstream": 8000}
+
+
+def render_nginx_config(
+    ports: Mapping[str, int], template: Path = ROOT / "deploy" / "nginx" / "nginx.conf"
+) -> str:
+    text = template.read_text()
+    for name, default in NGINX_PORTS.items():
+        text = text.replace(f"127.0.0.1:{default};", f"127.0.0.1:{ports[name]};")
+    return text
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if found is None:
+        raise FileNotFoundError("nginx not found; run `make install` (installs Debian's nginx)")
+    return found
+
+
+def start_nginx(config_path: Path, listener_port: int, work_dir: Path) -> Process:
+    """nginx in the foreground with its pid and temp files under `work_dir`."""
+    for sub in ("logs", "tmp"):
+        (work_dir / sub).mkdir(parents=True, exist_ok=True)
+    args = [
+        nginx_binary(),
+        "-p",
+        str(work_dir),
+        "-c",
+        str(config_path),
+        "-g",
+        f"daemon off; pid {work_dir / 'nginx.pid'};",
+    ]
+    process = spawn(args, work_dir / "nginx.log")
+    wait_port(listener_port, process.proc)
+    return process

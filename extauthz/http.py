@@ -1,4 +1,8 @@
-"""The HTTP port: /healthz, /readyz and /metrics (a deliberately tiny HTTP/1.1 server)."""
+"""The HTTP port: /healthz, /readyz, /metrics, and /auth for nginx's auth_request.
+
+A deliberately small HTTP/1.1 server on asyncio streams (keep-alive, no request bodies
+beyond discarding them), so the server needs no second web framework.
+"""
 
 from __future__ import annotations
 
@@ -6,56 +10,165 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from extauthz import responses
+from extauthz.check import Decider, Outcome, Verdict
 from extauthz.metrics import Metrics
+from extauthz.request import model_from_headers
 
 log = logging.getLogger("extauthz.http")
-MAX_HEADER_BYTES = 16_384
-_REASONS = {
+MAX_HEAD_BYTES = 32_768
+MAX_DISCARDED_BODY = 1 << 20
+IDLE_TIMEOUT_S = 60
+_REASONS: Final = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
     503: "Service Unavailable",
 }
+Headers = list[tuple[str, str]]
+Answer = tuple[int, Headers, bytes]
+
+
+class BadRequest(Exception):
+    pass
+
+
+def auth_answer(outcome: Outcome) -> Answer:
+    """What nginx's auth subrequest gets: 2xx to pass (with the identity headers nginx
+    copies upstream), else the same status, headers and JSON body as through Envoy. The
+    body also travels in `x-extauthz-body`, since nginx only keeps a subrequest's headers."""
+    decision = outcome.decision
+    if outcome.verdict is Verdict.PUBLIC:
+        return 200, [], b""
+    if outcome.verdict is Verdict.UNVERIFIED:
+        return (
+            200,
+            [("x-virtual-key-id", decision.key_id), (responses.UNVERIFIED_HEADER, "true")],
+            b"",
+        )
+    if outcome.verdict is Verdict.ALLOW:
+        headers = responses.upstream_identity(decision) + responses.rate_limit_headers(decision)
+        return 200, headers, b""
+    status, headers, body = responses.denial_parts(decision, outcome.model)
+    return status, [*headers, ("x-extauthz-body", body.decode())], body
 
 
 class HttpEndpoint:
-    def __init__(self, metrics: Metrics, ready: Callable[[], bool]) -> None:
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool], decider: Decider) -> None:
         self.metrics = metrics
         self.ready = ready
+        self.decider = decider
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-            if len(head) > MAX_HEADER_BYTES:
-                raise ValueError("headers too large")
-            method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            status, ctype, body = self.route(method, path.partition("?")[0])
-        except (ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            status, ctype, body = 400, "text/plain", b"bad request\n"
-        writer.write(
-            f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+            while True:
+                try:
+                    head = await asyncio.wait_for(
+                        reader.readuntil(b"\r\n\r\n"), timeout=IDLE_TIMEOUT_S
+                    )
+                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                    return
+                try:
+                    method, path, version, headers = _parse_head(head)
+                    await _discard_body(reader, headers)
+                    status, extra, body = await self.route(method, path, headers)
+                    keep_alive = _keep_alive(version, headers)
+                except BadRequest as exc:
+                    status, extra, body = 400, [("content-type", "text/plain")], f"{exc}\n".encode()
+                    keep_alive = False
+                writer.write(
+                    _response(
+                        status, extra, b"" if method == "HEAD" else body, len(body), keep_alive
+                    )
+                )
+                await writer.drain()
+                if not keep_alive:
+                    return
+        except asyncio.LimitOverrunError:
+            writer.write(_response(400, [], b"request head too large\n", 23, False))
+        except ConnectionError:
+            return
+        finally:
+            with contextlib.suppress(ConnectionError):
+                writer.close()
 
-    def route(self, method: str, path: str) -> tuple[int, str, bytes]:
+    async def route(self, method: str, target: str, headers: dict[str, str]) -> Answer:
+        path = target.partition("?")[0]
         if method not in ("GET", "HEAD"):
-            return 405, "text/plain", b"method not allowed\n"
+            return 405, [("allow", "GET, HEAD")], b"method not allowed\n"
+        text = [("content-type", "text/plain")]
         if path == "/healthz":
-            return 200, "text/plain", b"ok\n"
+            return 200, text, b"ok\n"
         if path == "/readyz":
-            ready = self.ready()
-            return (200, "text/plain", b"ready\n") if ready else (503, "text/plain", b"not ready\n")
+            return (200, text, b"ready\n") if self.ready() else (503, text, b"not ready\n")
         if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
-        return 404, "text/plain", b"not found\n"
+            return (
+                200,
+                [("content-type", CONTENT_TYPE_LATEST)],
+                generate_latest(self.metrics.registry),
+            )
+        if path == "/auth":
+            original = headers.get("x-original-uri") or headers.get("x-original-url") or "/"
+            outcome = await self.decider.decide(
+                original, headers, lambda: model_from_headers(headers)
+            )
+            return auth_answer(outcome)
+        return 404, text, b"not found\n"
 
     async def start(self, host: str, port: int) -> asyncio.Server:
-        return await asyncio.start_server(self.handle, host, port, limit=MAX_HEADER_BYTES)
+        return await asyncio.start_server(self.handle, host, port, limit=MAX_HEAD_BYTES)
+
+
+def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise BadRequest("malformed request line")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise BadRequest("malformed header line")
+        key, value = name.lower(), value.strip()
+        headers[key] = f"{headers[key]},{value}" if key in headers else value
+    return parts[0], parts[1], parts[2], headers
+
+
+async def _discard_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> None:
+    if "transfer-encoding" in headers:
+        raise BadRequest("chunked request bodies are not accepted")
+    try:
+        length = int(headers.get("content-length", "0") or 0)
+    except ValueError:
+        raise BadRequest("bad content-length") from None
+    if length < 0 or length > MAX_DISCARDED_BODY:
+        raise BadRequest("request body too large")
+    if length:
+        await reader.readexactly(length)
+
+
+def _keep_alive(version: str, headers: dict[str, str]) -> bool:
+    connection = headers.get("connection", "").lower()
+    if version == "HTTP/1.0":
+        return connection == "keep-alive"
+    return connection != "close"
+
+
+def _response(status: int, headers: Headers, body: bytes, length: int, keep_alive: bool) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    lines.append(f"content-length: {length}")
+    lines.append("connection: keep-alive" if keep_alive else "connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

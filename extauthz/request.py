@@ -56,8 +56,26 @@ def requested_model(body: bytes, headers: Mapping[str, str]) -> RequestedModel:
     if not isinstance(document, dict):
         return UNREADABLE
     model = document.get("model")
-    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_CHARS:
+    if not isinstance(model, str):
         return UNREADABLE
-    if "\n" in model:  # the stored allow-list is newline-framed
-        return UNREADABLE
+    return _named(model)
+
+
+def _named(model: str) -> RequestedModel:
+    if not model or len(model) > MAX_MODEL_CHARS or "\n" in model:
+        return UNREADABLE  # the stored allow-list is newline-framed
     return RequestedModel.named(model)
+
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def model_from_headers(headers: Mapping[str, str]) -> RequestedModel:
+    """nginx sends no body to an auth subrequest: the model comes from `x-model` (which
+    the model check then trusts), and a body-carrying method without it counts as a body
+    with no readable model."""
+    model = headers.get("x-model")
+    if model is not None:
+        return _named(model.strip())
+    method = headers.get("x-original-method", "GET").upper()
+    return UNREADABLE if method in BODY_METHODS else NO_BODY

@@ -37,7 +37,7 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
         root_certificates=ca,
-        require_client_auth=False,
+        require_client_auth=ca is not None,
     )
 
 
@@ -83,7 +83,9 @@ async def serve(settings: Settings) -> None:
 
     watch = RedisWatch(store, health_servicer, metrics)
     await watch.start()
-    http = await HttpEndpoint(metrics, lambda: watch.ready).start(settings.bind, settings.http_port)
+    http = await HttpEndpoint(metrics, lambda: watch.ready, decider).start(
+        settings.bind, settings.http_port
+    )
     await server.start()
     if not settings.admin_token:
         log.warning("EXTAUTHZ_ADMIN_TOKEN is not set: admin calls will be refused")
