@@ -14,7 +14,7 @@ import pytest
 from devstack import processes as p
 from devstack.mock_upstream import MockUpstream
 from tests.conftest import SERVER_DEFAULTS, Envoy, Server
-from tests.helpers import HttpReply, chat_body, fetch
+from tests.helpers import Clients, HttpReply, chat_body, fetch
 
 pytestmark = pytest.mark.e2e
 
@@ -204,13 +204,22 @@ def test_validate_needs_no_admin_token(envoy: Envoy, server: Server) -> None:
     assert body["key_id"] == created["key_data"]["id"]
 
 
-def test_unknown_api_path_is_404_and_never_reaches_upstream(
+def test_unknown_admin_api_path_is_404_and_never_reaches_upstream(
     envoy: Envoy, server: Server, upstream: MockUpstream
 ) -> None:
     before = len(upstream.seen)
-    reply = api(envoy, "GET", "/api/nothing/here", server.admin_token)
+    reply = api(envoy, "GET", "/api/keys/0123456789abcdef/nothing", server.admin_token)
     assert reply.status == 404
     assert len(upstream.seen) == before
+
+
+def test_other_api_paths_belong_to_the_upstream_behind_ext_authz(
+    envoy: Envoy, clients: Clients, upstream: MockUpstream
+) -> None:
+    key, _ = clients.create_key()
+    assert fetch(envoy.port, "GET", "/api/tags").status == 401  # ext_authz: no key
+    reply = fetch(envoy.port, "GET", "/api/tags", {"authorization": f"Bearer {key}"})
+    assert reply.status == 200 and upstream.seen[-1].path == "/api/tags"
 
 
 def test_unknown_query_parameter_is_400(envoy: Envoy, server: Server) -> None:
