@@ -77,4 +77,5 @@ class Metrics:
 
     def count_usage(self, key_id: str, model: str, tokens: int, cost_usd: float) -> None:
         self.key_tokens.labels(*self._key(key_id), model).inc(tokens)
-        self.key_cost.labels(*self._key(key_id)).inc(cost_usd)
+        cost = self.key_cost.labels(key_id) if self.per_key else self.key_cost
+        cost.inc(cost_usd)

@@ -100,14 +100,25 @@ async def serve(settings: Settings) -> None:
         },
     )
 
+    received: list[signal.Signals] = []
     stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
 
-    log.info("draining")
-    await watch.stop()  # health reports NOT_SERVING before the port closes
+    # Health goes NOT_SERVING first; on SIGTERM the server keeps answering for the drain
+    # period, so Envoy (also draining, in a sidecar pod) and load balancers move away
+    # before the port closes. Then in-flight calls get SHUTDOWN_GRACE_S to finish.
+    await watch.stop()
+    drain = settings.drain_seconds if received[0] is signal.SIGTERM else 0
+    log.info("draining", extra={"signal": received[0].name, "drain_seconds": drain})
+    await asyncio.sleep(drain)
     await server.stop(SHUTDOWN_GRACE_S)
     http.close()
     await http.wait_closed()

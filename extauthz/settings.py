@@ -40,6 +40,7 @@ class Settings:
     usage_retention_days: int = 90
     log_level: str = "INFO"
     metrics_per_key: bool = True
+    drain_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -93,6 +94,7 @@ class Settings:
             usage_retention_days=r.integer("EXTAUTHZ_USAGE_RETENTION_DAYS", 90, 1, 3650),
             log_level=env.get("EXTAUTHZ_LOG_LEVEL", "INFO").upper(),
             metrics_per_key=r.boolean("EXTAUTHZ_METRICS_KEY_ID", True),
+            drain_seconds=r.integer("EXTAUTHZ_DRAIN_SECONDS", 5, 0, 300),
         )
 
 
