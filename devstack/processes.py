@@ -128,9 +128,10 @@ class RedisServer:
         wait_port(self.port, self.process.proc)
         return self
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: a clean shutdown (AOF flushed); SIGKILL: a crash."""
         if self.process is not None:
-            self.process.stop()
+            self.process.stop(sig)
             self.process = None
 
 

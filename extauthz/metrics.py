@@ -65,6 +65,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.journal_depth = Gauge(
+            "extauthz_usage_journal_depth",
+            "Usage reports waiting in the local journal for Redis to return",
+            registry=r,
+        )
         self.redis_up = Gauge(
             "extauthz_redis_up", "1 while the health watcher reaches Redis", registry=r
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -20,9 +21,11 @@ from extauthz.health import HealthServicer, RedisWatch
 from extauthz.http import HttpEndpoint
 from extauthz.logs import configure
 from extauthz.metrics import Metrics
+from extauthz.replay import replay_forever
 from extauthz.settings import Settings, SettingsError
 from extauthz.usage import UsageService
 from keys import store as key_store
+from keys.journal import JournalBusy, UsageJournal
 from keys.pricing import PriceTable
 from keys.v1 import keys_pb2, keys_pb2_grpc
 
@@ -59,8 +62,13 @@ async def serve(settings: Settings) -> None:
         AuthorizationServicer(decider), server
     )
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(store, settings), server)
+    journal = (
+        UsageJournal(Path(settings.journal_dir), settings.journal_max_bytes)
+        if settings.journal_dir
+        else None
+    )
     keys_pb2_grpc.add_UsageServiceServicer_to_server(
-        UsageService(store, settings, prices, metrics), server
+        UsageService(store, settings, prices, metrics, journal), server
     )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -83,6 +91,11 @@ async def serve(settings: Settings) -> None:
 
     watch = RedisWatch(store, health_servicer, metrics)
     await watch.start()
+    replayer = (
+        asyncio.create_task(replay_forever(journal, store, watch, metrics), name="replay")
+        if journal is not None
+        else None
+    )
     http = await HttpEndpoint(metrics, lambda: watch.ready, decider).start(
         settings.bind, settings.http_port
     )
@@ -120,6 +133,12 @@ async def serve(settings: Settings) -> None:
     log.info("draining", extra={"signal": received[0].name, "drain_seconds": drain})
     await asyncio.sleep(drain)
     await server.stop(SHUTDOWN_GRACE_S)
+    if replayer is not None:
+        replayer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await replayer
+    if journal is not None:
+        journal.close()
     http.close()
     await http.wait_closed()
     await redis.aclose()
@@ -137,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"extauthz: {exc}", file=sys.stderr)
         return 2
     configure(settings.log_level)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except JournalBusy as exc:
+        print(f"extauthz: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

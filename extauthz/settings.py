@@ -41,6 +41,8 @@ class Settings:
     log_level: str = "INFO"
     metrics_per_key: bool = True
     drain_seconds: float = 5.0
+    journal_dir: str = ".extauthz/journal"
+    journal_max_bytes: int = 64 << 20
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +97,8 @@ class Settings:
             log_level=env.get("EXTAUTHZ_LOG_LEVEL", "INFO").upper(),
             metrics_per_key=r.boolean("EXTAUTHZ_METRICS_KEY_ID", True),
             drain_seconds=r.integer("EXTAUTHZ_DRAIN_SECONDS", 5, 0, 300),
+            journal_dir=env.get("EXTAUTHZ_JOURNAL_DIR", ".extauthz/journal"),
+            journal_max_bytes=r.integer("EXTAUTHZ_JOURNAL_MAX_BYTES", 64 << 20, 0, 1 << 40),
         )
 
 

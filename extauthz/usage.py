@@ -15,6 +15,7 @@ from extauthz.metrics import Metrics
 from extauthz.settings import Settings
 from keys import validation
 from keys.errors import InvalidArgument, NotFound, StoreUnavailable
+from keys.journal import UsageJournal
 from keys.model import UsageReport
 from keys.money import nanos_to_usd
 from keys.pricing import PriceTable
@@ -27,12 +28,18 @@ Context = grpc.aio.ServicerContext[object, object]
 
 class UsageService(keys_pb2_grpc.UsageServiceServicer):
     def __init__(
-        self, store: KeyStore, settings: Settings, prices: PriceTable, metrics: Metrics
+        self,
+        store: KeyStore,
+        settings: Settings,
+        prices: PriceTable,
+        metrics: Metrics,
+        journal: UsageJournal | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.prices = prices
         self.metrics = metrics
+        self.journal = journal
 
     def report_from(self, request: keys_pb2.ReportUsageRequest) -> UsageReport:
         key_id = validation.key_id("key_id", request.key_id)
@@ -85,7 +92,15 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
             raise
         except StoreUnavailable:
             self.metrics.redis_errors.labels("report_usage").inc()
-            raise
+            if self.journal is None:
+                raise
+            await self.journal.append_async(report)  # JournalFull: UNAVAILABLE, retry later
+            self.metrics.usage_reports.labels("queued").inc()
+            self.metrics.journal_depth.set(self.journal.pending)
+            log.warning("usage report journaled", extra={"key_id": report.key_id})
+            return keys_pb2.ReportUsageResponse(
+                queued=True, cost=nanos_to_usd(report.cost_nanos), total_tokens=report.total_tokens
+            )
         finally:
             self.metrics.redis_latency.labels("report_usage").observe(time.perf_counter() - started)
         if result.duplicate:

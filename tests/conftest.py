@@ -80,7 +80,11 @@ def start_server(
         http_port=http_port,
         admin_token=admin,
         usage_token=usage,
-        extra={**SERVER_DEFAULTS, **(extra or {})},
+        extra={
+            **SERVER_DEFAULTS,
+            "EXTAUTHZ_JOURNAL_DIR": str(log_dir / f"journal-{grpc_port}"),
+            **(extra or {}),
+        },
     )
     process = p.start_extauthz(env, log_dir / f"extauthz-{grpc_port}.log")
     return Server(grpc_port, http_port, admin, usage, process)

@@ -1,0 +1,219 @@
+"""Faults for real: Redis stopped, killed and restarted with AOF; server processes killed.
+Spend is money: an accepted usage report is never lost and never charged twice."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from devstack.processes import RedisServer
+from keys.v1 import keys_pb2
+from tests.conftest import Server, start_server
+from tests.helpers import Clients, chat_body, fetch
+
+pytestmark = pytest.mark.integration
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+class Node:
+    """A server process and its clients."""
+
+    def __init__(self, redis_url: str, work: Path, **extra: str) -> None:
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.server: Server = start_server(redis_url, work, extra=dict(extra))
+        self.channel = grpc.insecure_channel(self.server.address)
+        self.clients = Clients(self.channel, self.server.admin_token, self.server.usage_token)
+
+    def close(self, sig: int = signal.SIGTERM) -> None:
+        self.channel.close()
+        self.server.process.stop(sig)
+
+
+@pytest.fixture
+def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    redis = RedisServer(tmp_path / "redis", appendonly=True).start()
+    yield redis
+    redis.stop()
+
+
+def spent(node: Node, key_id: str) -> float:
+    return node.clients.get_key(key_id).spent
+
+
+def journal_depth(node: Node) -> float:
+    text = fetch(node.server.http_port, "GET", "/metrics").body.decode()
+    line = next(x for x in text.splitlines() if x.startswith("extauthz_usage_journal_depth "))
+    return float(line.split()[1])
+
+
+def test_reports_during_an_outage_are_queued_then_charged_once(
+    aof_redis: RedisServer, tmp_path: Path
+) -> None:
+    node = Node(aof_redis.url, tmp_path / "a")
+    try:
+        _, data = node.clients.create_key(max_budget=0)
+        aof_redis.stop()
+        replies = [node.clients.report(data.id, f"out-{i}", cost=0.01) for i in range(50)]
+        assert all(r.queued for r in replies)
+        assert journal_depth(node) == 50
+        aof_redis.start()
+        assert eventually(lambda: journal_depth(node) == 0)
+        assert spent(node, data.id) == 0.5
+        # the client retrying the same reports after the outage changes nothing
+        again = [node.clients.report(data.id, f"out-{i}", cost=0.01) for i in range(50)]
+        assert all(r.duplicate for r in again)
+        assert spent(node, data.id) == 0.5
+    finally:
+        node.close()
+
+
+def test_server_killed_during_an_outage_replays_its_journal_on_restart(
+    aof_redis: RedisServer, tmp_path: Path
+) -> None:
+    journal = str(tmp_path / "journal")
+    first = Node(aof_redis.url, tmp_path / "a", EXTAUTHZ_JOURNAL_DIR=journal)
+    _, data = first.clients.create_key(max_budget=0)
+    first.clients.report(data.id, "before", cost=1.0)
+    aof_redis.stop()
+    for i in range(30):
+        assert first.clients.report(data.id, f"q-{i}", cost=0.25).queued
+    first.close(signal.SIGKILL)
+    aof_redis.start()
+    second = Node(aof_redis.url, tmp_path / "b", EXTAUTHZ_JOURNAL_DIR=journal)
+    try:
+        assert eventually(lambda: spent(second, data.id) == 1.0 + 30 * 0.25)
+        assert eventually(lambda: journal_depth(second) == 0)
+    finally:
+        second.close()
+
+
+def test_full_journal_refuses_reports_and_loses_none_it_accepted(
+    aof_redis: RedisServer, tmp_path: Path
+) -> None:
+    node = Node(aof_redis.url, tmp_path / "a", EXTAUTHZ_JOURNAL_MAX_BYTES="1500")
+    try:
+        _, data = node.clients.create_key(max_budget=0)
+        aof_redis.stop()
+        accepted = 0
+        with pytest.raises(grpc.RpcError) as err:
+            for i in range(100):
+                node.clients.report(data.id, f"f-{i}", cost=0.5)
+                accepted += 1
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert 0 < accepted < 100
+        aof_redis.start()
+        assert eventually(lambda: spent(node, data.id) == accepted * 0.5)
+    finally:
+        node.close()
+
+
+def test_keys_spend_counters_and_usage_survive_a_redis_crash_with_aof(
+    tmp_path: Path,
+) -> None:
+    redis = RedisServer(tmp_path / "redis", appendonly=True).start()
+    node = Node(redis.url, tmp_path / "a")
+    try:
+        key, data = node.clients.create_key(rpm_limit=3, max_budget=5)
+        auth = {"authorization": f"Bearer {key}"}
+        for _ in range(2):
+            assert node.clients.check(auth, chat_body()).status.code == 0
+        node.clients.report(data.id, "r1", cost=1.25, prompt_tokens=7)
+        time.sleep(1.2)  # appendfsync everysec: a crash may lose up to the last second
+        redis.stop(signal.SIGKILL)
+        redis.start()
+        assert eventually(lambda: node.clients.check(auth, chat_body()).status.code == 0)
+        after = node.clients.get_key(data.id)
+        assert (after.spent, after.total_requests) == (1.25, 3)
+        denied = node.clients.check(auth, chat_body())  # 4th request: RPM window survived
+        assert denied.denied_response.status.code == 429
+        usage = node.clients.usage.GetUsage(
+            keys_pb2.GetUsageRequest(key_id=data.id),
+            metadata=(("authorization", f"Bearer {node.server.admin_token}"),),
+        )
+        assert (usage.totals.requests, usage.totals.prompt_tokens) == (1, 7)
+    finally:
+        node.close()
+        redis.stop()
+
+
+def test_killed_replica_leaves_the_other_serving_and_counters_consistent(
+    aof_redis: RedisServer, tmp_path: Path
+) -> None:
+    a = Node(aof_redis.url, tmp_path / "a")
+    b = Node(aof_redis.url, tmp_path / "b")
+    try:
+        key, data = a.clients.create_key(rpm_limit=40, max_budget=0, tpm_limit=0)
+        auth = {"authorization": f"Bearer {key}"}
+
+        def check(i: int) -> int:
+            node = a if i % 2 else b
+            try:
+                return int(node.clients.check(auth, chat_body()).denied_response.status.code)
+            except grpc.RpcError:
+                return -1  # the killed replica
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            futures = [pool.submit(check, i) for i in range(60)]
+            time.sleep(0.05)
+            a.server.process.proc.send_signal(signal.SIGKILL)
+            statuses = [f.result() for f in futures]
+        after = [
+            int(b.clients.check(auth, chat_body()).denied_response.status.code) for _ in range(50)
+        ]
+        allowed = statuses.count(0) + after.count(0)
+        counted = b.clients.get_key(data.id).total_requests
+        # never more than the limit; anything counted but unanswered was the killed one's
+        assert allowed <= 40 and counted == 40
+        assert after.count(429) >= 10
+    finally:
+        a.close(signal.SIGKILL)
+        b.close()
+
+
+def test_limits_and_spend_stay_exact_across_a_redis_restart_under_load(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis", appendonly=True).start()
+    a = Node(redis.url, tmp_path / "a")
+    b = Node(redis.url, tmp_path / "b")
+    try:
+        key, data = a.clients.create_key(rpm_limit=30, max_budget=0, tpm_limit=0)
+        auth = {"authorization": f"Bearer {key}"}
+        nodes = [a, b]
+
+        def check(i: int) -> int:
+            return int(nodes[i % 2].clients.check(auth, chat_body()).denied_response.status.code)
+
+        def report(i: int) -> keys_pb2.ReportUsageResponse:
+            return nodes[i % 2].clients.report(data.id, f"l-{i}", cost=0.001)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            first = list(pool.map(check, range(15)))
+            reports = [pool.submit(report, i) for i in range(100)]
+            redis.stop()  # a clean shutdown: AOF flushed, like a rolling restart
+            redis.start()
+            for future in reports:  # queued (journaled) or charged: none may fail
+                future.result()
+            second = list(pool.map(check, range(15, 80)))
+        statuses = first + second
+        assert statuses.count(0) == 30
+        assert set(statuses) <= {0, 429, 503}
+        assert eventually(lambda: a.clients.get_key(data.id).spent == 0.1, timeout=15)
+        assert a.clients.get_key(data.id).total_requests == 30
+    finally:
+        a.close()
+        b.close()
+        redis.stop()
