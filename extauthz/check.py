@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -136,15 +137,38 @@ def http_headers(http: external_auth_pb2.AttributeContext.HttpRequest) -> dict[s
     return merged
 
 
+# A CheckResponse message, or the bytes of one (xds-protos ships no type stubs).
+CheckReply = Any
+
+
+def _serialize(reply: CheckReply) -> bytes:
+    """Allow answers arrive pre-encoded (extauthz/wire.py); the rest are messages."""
+    return reply if isinstance(reply, bytes) else bytes(reply.SerializeToString())
+
+
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    SERVICE = "envoy.service.auth.v3.Authorization"
+
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Like the generated add_AuthorizationServicer_to_server, with a serializer that
+        also takes pre-encoded bytes."""
+        handler = grpc.unary_unary_rpc_method_handler(
+            self.Check,
+            request_deserializer=external_auth_pb2.CheckRequest.FromString,
+            response_serializer=_serialize,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(self.SERVICE, {"Check": handler}),)
+        )
 
     async def Check(
         self,
         request: external_auth_pb2.CheckRequest,
         context: grpc.aio.ServicerContext[object, object],
-    ) -> external_auth_pb2.CheckResponse:
+    ) -> CheckReply:
         http = request.attributes.request.http
         headers = http_headers(http)
         body = http.raw_body or http.body.encode()

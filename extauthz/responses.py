@@ -16,6 +16,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
+from extauthz import wire
 from keys.model import Decision, Reason, RequestedModel, WindowCount
 
 UNLIMITED = "unlimited"
@@ -169,17 +170,14 @@ def _strip_client_identity(client_headers: Iterable[str], keep: Iterable[str] = 
     return ["authorization", "x-api-key", "api-key", *spoofed]
 
 
-def envoy_allow(
-    decision: Decision, client_headers: Iterable[str]
-) -> external_auth_pb2.CheckResponse:
+def envoy_allow(decision: Decision, client_headers: Iterable[str]) -> bytes:
+    """Serialized (see extauthz/wire.py): identity upstream, client key removed, rate-limit
+    headers to the client."""
     upstream = upstream_identity(decision)
-    ok = external_auth_pb2.OkHttpResponse(
-        headers=_options(upstream),
-        headers_to_remove=_strip_client_identity(client_headers, (k for k, _ in upstream)),
-        response_headers_to_add=_options(rate_limit_headers(decision)),
-    )
-    return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=code_pb2.OK), ok_response=ok
+    return wire.ok_check_response(
+        upstream,
+        _strip_client_identity(client_headers, (k for k, _ in upstream)),
+        rate_limit_headers(decision),
     )
 
 

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+import uvloop
+from envoy.service.auth.v3 import external_auth_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -58,9 +59,7 @@ async def serve(settings: Settings) -> None:
     )
 
     server = grpc.aio.server()
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(decider), server
-    )
+    AuthorizationServicer(decider).add_to_server(server)
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(store, settings), server)
     journal = (
         UsageJournal(Path(settings.journal_dir), settings.journal_max_bytes)
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure(settings.log_level)
     try:
-        asyncio.run(serve(settings))
+        uvloop.run(serve(settings))  # libuv's loop: measurably cheaper per call than asyncio's
     except JournalBusy as exc:
         print(f"extauthz: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,171 @@
+"""A pipelined Redis connection for the hot path (Check and ReportUsage scripts).
+
+redis-py's asyncio client checks a connection out of a pool for every command; under
+concurrency that bookkeeping costs several times the Redis round trip itself. Here one
+connection carries every in-flight call: commands are written as they come, replies
+(parsed by hiredis) resolve futures in FIFO order — Redis answers a connection's commands
+in the order it received them. A call that times out leaves its future in the queue, so
+the replies behind it still line up, and its late reply is dropped.
+
+Single-node Redis only (plain, AUTH, SELECT, TLS); a Redis Cluster uses redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ssl
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+
+Arg = str | int | bytes
+
+
+class RedisReplyError(Exception):
+    """Redis answered with an error (other than NOSCRIPT, which is handled here)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+    @classmethod
+    def from_url(cls, url: str) -> Endpoint:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"not a single-node redis URL: scheme {parts.scheme!r}")
+        path = parts.path.lstrip("/")
+        return cls(
+            host=parts.hostname or "localhost",
+            port=parts.port or 6379,
+            db=int(path) if path else 0,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=parts.scheme == "rediss",
+        )
+
+
+def encode(args: Sequence[Arg]) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader(notEnoughData=Ellipsis, encoding="utf-8", errors="replace")
+        self.pending: deque[asyncio.Future[Any]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not Ellipsis:
+            future = self.pending.popleft()
+            if not future.done():
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        while self.pending:
+            future = self.pending.popleft()
+            if not future.done():
+                future.set_exception(ConnectionError("redis connection lost"))
+
+    def send(self, payload: bytes) -> asyncio.Future[Any]:
+        if self.closed or self.transport is None:
+            raise ConnectionError("redis connection closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        self.transport.write(payload)
+        return future
+
+
+class PipelinedRedis:
+    """Script calls over one pipelined connection, reconnected on demand."""
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        self.endpoint = Endpoint.from_url(url)
+        self.timeout_s = timeout_s
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def _connection(self) -> _Protocol:
+        protocol = self._protocol
+        if protocol is not None and not protocol.closed:
+            return protocol
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._protocol is None or self._protocol.closed:
+                self._protocol = await asyncio.wait_for(self._connect(), self.timeout_s)
+            return self._protocol
+
+    async def _connect(self) -> _Protocol:
+        e = self.endpoint
+        context = ssl.create_default_context() if e.tls else None
+        _, protocol = await asyncio.get_running_loop().create_connection(
+            _Protocol, e.host, e.port, ssl=context
+        )
+        hello: list[Sequence[Arg]] = []
+        if e.password is not None:
+            hello.append(["AUTH", e.username, e.password] if e.username else ["AUTH", e.password])
+        if e.db:
+            hello.append(["SELECT", e.db])
+        for command in hello:
+            reply = await protocol.send(encode(command))
+            if isinstance(reply, hiredis.ReplyError):
+                if protocol.transport is not None:
+                    protocol.transport.close()
+                raise ConnectionError(f"redis refused {command[0]!s}: {str(reply)[:60]}")
+        return protocol
+
+    async def call(self, *args: Arg) -> Any:
+        protocol = await self._connection()
+        reply = await asyncio.wait_for(protocol.send(encode(args)), self.timeout_s)
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisReplyError(str(reply))
+        return reply
+
+    async def run_script(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        """EVALSHA, falling back to EVAL (which caches the script) after a restart."""
+        try:
+            return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self.call("EVAL", script.text, len(keys), *keys, *args)
+
+    async def aclose(self) -> None:
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+            with contextlib.suppress(Exception):
+                await asyncio.sleep(0)
+        self._protocol = None
+
+
+class Script:
+    """A Lua script and its SHA1, the id Redis caches it under."""
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 (not for security)
