@@ -64,6 +64,10 @@ def requested_model(body: bytes, headers: Mapping[str, str]) -> RequestedModel:
 def _named(model: str) -> RequestedModel:
     if not model or len(model) > MAX_MODEL_CHARS or "\n" in model:
         return UNREADABLE  # the stored allow-list is newline-framed
+    try:
+        model.encode()
+    except UnicodeEncodeError:  # a lone surrogate (JSON allows "\ud800") is no model name
+        return UNREADABLE
     return RequestedModel.named(model)
 
 

@@ -136,7 +136,7 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
         user = await require_admin(context, self.settings)
         if request.user_id:
             if user is not None and request.user_id != user:
-                raise NotFound(f"user {request.user_id} not found")
+                raise NotFound("no such user among your keys")
             key_ids = await self.store.key_ids_of(user_id=request.user_id)
         else:
             key_ids = await self.store.key_ids_of(team_id=request.team_id)
