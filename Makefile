@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTO_SRC := $(wildcard protos/keys/v1/*.proto)
 PROTO_OUT := keys/v1/keys_pb2.py
 
-.PHONY: install system-deps protos run test lint fmt bench clean
+.PHONY: install system-deps protos run test lint fmt bench bench-deps clean
 
 install: $(VENV)/.installed $(PROTO_OUT) system-deps
 
@@ -54,7 +54,12 @@ fmt: install
 test: install lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-bench: install
+# h2load (Debian's nghttp2-client) is the load generator `make bench` drives.
+bench-deps:
+	@command -v h2load >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends nghttp2-client >/dev/null; }
+
+bench: install bench-deps
 	$(BIN)/python -m bench
 
 clean:

@@ -1,0 +1,152 @@
+"""The processes a run needs, each started here and stopped by Stack.close()."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devstack import processes as p
+
+ADMIN_TOKEN = "adm-" + secrets.token_urlsafe(16)
+USAGE_TOKEN = "use-" + secrets.token_urlsafe(16)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Ours:
+    """One or more `extauthz serve` processes sharing one gRPC port."""
+
+    grpc_port: int
+    http_ports: list[int]
+    processes: list[p.Process]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.proc.pid for proc in self.processes]
+
+    def counter(self, name: str, labels: str) -> float:
+        """A metric summed over the processes, e.g. ('extauthz_..._count', 'decision="allow"')."""
+        return sum(metric(port, name, labels) for port in self.http_ports)
+
+    def allowed(self) -> float:
+        return self.counter("extauthz_check_duration_seconds_count", 'decision="allow"')
+
+
+def metric(http_port: int, name: str, labels: str) -> float:
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    wanted = f"{name}{{{labels}}} "
+    for line in text.splitlines():
+        if line.startswith(wanted):
+            return float(line[len(wanted) :])
+    return 0.0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the processes (all their threads), from /proc."""
+    total = 0
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / CLK_TCK
+
+
+def _wait_for_log(process: p.Process, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in process.log_text():
+            return
+        if process.proc.poll() is not None:
+            raise RuntimeError(f"{process.proc.args!r} exited:\n{process.log_text()[-2000:]}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{process.proc.args!r} did not log {text!r} in {timeout}s")
+
+
+@dataclass
+class Stack:
+    root: Path
+    processes: list[p.Process] = field(default_factory=list)
+    redises: list[p.RedisServer] = field(default_factory=list)
+
+    def redis(self, name: str) -> p.RedisServer:
+        server = p.RedisServer(self.root / name)
+        self.redises.append(server)
+        return server.start()
+
+    def ours(self, redis_url: str, name: str, workers: int = 1) -> Ours:
+        """`workers` server processes on one gRPC port (SO_REUSEPORT, grpc's default)."""
+        grpc_port = p.free_port()
+        http_ports: list[int] = []
+        started: list[p.Process] = []
+        for n in range(workers):
+            http_port = p.free_port()
+            env = p.extauthz_env(
+                redis_url=redis_url,
+                grpc_port=grpc_port,
+                http_port=http_port,
+                admin_token=ADMIN_TOKEN,
+                usage_token=USAGE_TOKEN,
+                extra={
+                    "EXTAUTHZ_JOURNAL_DIR": str(self.root / f"{name}-{n}-journal"),
+                    "EXTAUTHZ_DRAIN_SECONDS": "0",
+                },
+            )
+            process = p.spawn(
+                [p.executable("extauthz"), "serve"], self.root / f"{name}-{n}.log", env
+            )
+            self.processes.append(process)
+            _wait_for_log(process, '"msg": "serving"')
+            started.append(process)
+            http_ports.append(http_port)
+        return Ours(grpc_port, http_ports, started)
+
+    def noop(self) -> tuple[int, p.Process]:
+        port = p.free_port()
+        args = [sys.executable, "-m", "bench.noop_server", "--port", str(port)]
+        process = p.spawn(args, self.root / "noop.log")
+        self.processes.append(process)
+        p.wait_port(port, process.proc)
+        return port, process
+
+    def nginx(self) -> int:
+        """A fast upstream: nginx, one worker, answering every request with a fixed 200."""
+        port = p.free_port()
+        work = self.root / "nginx"
+        work.mkdir(parents=True, exist_ok=True)
+        config = work / "nginx.conf"
+        config.write_text(
+            "worker_processes 1;\nerror_log stderr warn;\nevents { worker_connections 1024; }\n"
+            "http {\n  access_log off;\n"
+            f"  client_body_temp_path {work / 'body'};\n"
+            f"  server {{\n    listen 127.0.0.1:{port};\n    keepalive_requests 1000000;\n"
+            "    location / { default_type application/json;"
+            ' return 200 \'{"object":"chat.completion","choices":[]}\'; }\n  }\n}\n'
+        )
+        process = p.start_nginx(config, port, work)
+        self.processes.append(process)
+        return port
+
+    def envoy(self, config_text: str, listener_port: int, name: str) -> p.Process:
+        config = self.root / f"{name}.yaml"
+        config.write_text(config_text)
+        process = p.start_envoy(config, listener_port, self.root / f"{name}.log")
+        self.processes.append(process)
+        return process
+
+    def close(self) -> None:
+        p.terminate_all(self.processes)
+        for server in reversed(self.redises):
+            with contextlib.suppress(Exception):
+                server.stop()
