@@ -106,19 +106,32 @@ def denial_parts(
 
 def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
     """The guide's X-RateLimit-* names and OpenAI's x-ratelimit-* names."""
-    rpm, tpm = decision.rpm, decision.tpm
+    rpm_limit, rpm_left, rpm_reset = _window(decision.rpm)
+    tpm_limit, tpm_left, tpm_reset = _window(decision.tpm)
     return [
-        ("x-ratelimit-limit-tpm", _limit(tpm)),
-        ("x-ratelimit-remaining-tpm", _remaining(tpm)),
-        ("x-ratelimit-limit-rpm", _limit(rpm)),
-        ("x-ratelimit-remaining-rpm", _remaining(rpm)),
-        ("x-ratelimit-limit-requests", _limit(rpm)),
-        ("x-ratelimit-remaining-requests", _remaining(rpm)),
-        ("x-ratelimit-reset-requests", _reset(rpm)),
-        ("x-ratelimit-limit-tokens", _limit(tpm)),
-        ("x-ratelimit-remaining-tokens", _remaining(tpm)),
-        ("x-ratelimit-reset-tokens", _reset(tpm)),
+        ("x-ratelimit-limit-tpm", tpm_limit),
+        ("x-ratelimit-remaining-tpm", tpm_left),
+        ("x-ratelimit-limit-rpm", rpm_limit),
+        ("x-ratelimit-remaining-rpm", rpm_left),
+        ("x-ratelimit-limit-requests", rpm_limit),
+        ("x-ratelimit-remaining-requests", rpm_left),
+        ("x-ratelimit-reset-requests", rpm_reset),
+        ("x-ratelimit-limit-tokens", tpm_limit),
+        ("x-ratelimit-remaining-tokens", tpm_left),
+        ("x-ratelimit-reset-tokens", tpm_reset),
     ]
+
+
+_UNLIMITED_WINDOW = (UNLIMITED, UNLIMITED, "0s")
+
+
+def _window(window: WindowCount) -> tuple[str, str, str]:
+    """(limit, remaining, reset) as header values; reset in whole seconds rounded up, like
+    Retry-After, in OpenAI's duration style."""
+    if not window.limit:
+        return _UNLIMITED_WINDOW
+    left = window.limit - window.used
+    return str(window.limit), str(left if left > 0 else 0), f"{-(-window.reset_ms // 1000)}s"
 
 
 def upstream_identity(decision: Decision) -> list[tuple[str, str]]:
@@ -129,22 +142,6 @@ def upstream_identity(decision: Decision) -> list[tuple[str, str]]:
     if decision.team_id:
         headers.append(("x-virtual-key-team-id", decision.team_id))
     return headers
-
-
-def _limit(window: WindowCount) -> str:
-    return str(window.limit) if window.limit else UNLIMITED
-
-
-def _remaining(window: WindowCount) -> str:
-    remaining = window.remaining
-    return UNLIMITED if remaining is None else str(remaining)
-
-
-def _reset(window: WindowCount) -> str:
-    ms = window.reset_ms if window.limit else 0
-    if ms < 1000:
-        return f"{ms}ms"
-    return f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
 
 
 # --- Envoy ------------------------------------------------------------------------------

@@ -15,7 +15,15 @@ _APPEND_OVERWRITE = b"\x18\x02"  # append_action = OVERWRITE_IF_EXISTS_OR_ADD
 _STATUS_OK = b"\x0a\x00"  # CheckResponse.status = google.rpc.Status{} (code 0)
 
 
+# Every length under 16 KiB, pre-encoded: responses are built from many short strings.
+_SMALL_VARINTS = [bytes([n]) for n in range(128)] + [
+    bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(128, 16384)
+]
+
+
 def _varint(n: int) -> bytes:
+    if n < 16384:
+        return _SMALL_VARINTS[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -29,14 +37,21 @@ def _field(number: int, data: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
-@lru_cache(maxsize=256)
-def _key(name: str) -> bytes:
-    return _field(1, name.encode())
-
-
 def header_option(name: str, value: str) -> bytes:
     """HeaderValueOption{header: HeaderValue{key, value}, append_action: OVERWRITE...}."""
-    return _field(1, _key(name) + _field(2, value.encode())) + _APPEND_OVERWRITE
+    return _field(1, _field(1, name.encode()) + _field(2, value.encode())) + _APPEND_OVERWRITE
+
+
+@lru_cache(maxsize=16384)
+def _option_field(number: int, name: str, value: str) -> bytes:
+    """Most (header, value) pairs repeat across Checks (limits, remaining counts, whole
+    seconds to reset, a key's identity): encode each once."""
+    return _field(number, header_option(name, value))
+
+
+@lru_cache(maxsize=1024)
+def _string_field(number: int, value: str) -> bytes:
+    return _field(number, value.encode())
 
 
 def ok_check_response(
@@ -48,9 +63,9 @@ def ok_check_response(
     headers_to_remove (5), response_headers_to_add (6)}}, serialized."""
     body = b"".join(
         [
-            *(_field(2, header_option(k, v)) for k, v in upstream),
-            *(_field(5, name.encode()) for name in remove),
-            *(_field(6, header_option(k, v)) for k, v in client),
+            *[_option_field(2, k, v) for k, v in upstream],
+            *[_string_field(5, name) for name in remove],
+            *[_option_field(6, k, v) for k, v in client],
         ]
     )
     return _STATUS_OK + _field(3, body)
