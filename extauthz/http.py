@@ -126,7 +126,9 @@ class HttpEndpoint:
         return 404, text, b"not found\n"
 
     async def start(self, host: str, port: int) -> asyncio.Server:
-        return await asyncio.start_server(self.handle, host, port, limit=MAX_HEAD_BYTES)
+        return await asyncio.start_server(
+            self.handle, host, port, limit=MAX_HEAD_BYTES, reuse_port=True
+        )
 
 
 def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:

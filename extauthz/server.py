@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from extauthz.metrics import Metrics
 from extauthz.replay import replay_forever
 from extauthz.settings import Settings, SettingsError
 from extauthz.usage import UsageService
+from extauthz.workers import run_workers
 from keys import store as key_store
 from keys.journal import JournalBusy, UsageJournal
 from keys.pricing import PriceTable
@@ -147,13 +149,26 @@ async def serve(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="extauthz", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the gRPC and HTTP servers (settings from the environment)")
-    parser.parse_args(argv)
+    serve_cmd = sub.add_parser(
+        "serve", help="run the gRPC and HTTP servers (settings from the environment)"
+    )
+    serve_cmd.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("EXTAUTHZ_WORKERS", "1")),
+        help="server processes sharing the ports (EXTAUTHZ_WORKERS, default 1)",
+    )
+    args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
         print(f"extauthz: {exc}", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print("extauthz: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        return run_workers(args.workers, settings.journal_dir)
     configure(settings.log_level)
     try:
         uvloop.run(serve(settings))  # libuv's loop: measurably cheaper per call than asyncio's

@@ -1,0 +1,43 @@
+"""`extauthz serve --workers N`: N server processes sharing the gRPC and HTTP ports.
+
+One Python process is bound to one core; with SO_REUSEPORT (grpc's default on Linux, and
+set on the HTTP socket) the kernel spreads connections over the workers. Every limit stays
+exact, since all state is in Redis. Each worker gets its own journal directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+
+def run_workers(count: int, journal_dir: str) -> int:
+    """Starts `count` workers, forwards SIGTERM/SIGINT, and exits when they all have
+    (non-zero if any failed). A worker that dies is not replaced: the supervisor exits
+    so the orchestrator (Kubernetes, systemd) restarts the whole set."""
+    children: list[subprocess.Popen[bytes]] = []
+    for index in range(count):
+        env = dict(os.environ, EXTAUTHZ_WORKER_INDEX=str(index))
+        if journal_dir:
+            env["EXTAUTHZ_JOURNAL_DIR"] = str(Path(journal_dir) / f"worker-{index}")
+        children.append(
+            subprocess.Popen([sys.executable, "-m", "extauthz.server", "serve"], env=env)
+        )
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    forward(signal.SIGTERM, None)  # one exited: stop the rest
+    codes = [child.wait() for child in children]
+    return max(codes, key=abs)

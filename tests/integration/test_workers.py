@@ -1,0 +1,66 @@
+"""`extauthz serve --workers 2`: two processes on one port, one limit between them."""
+
+from __future__ import annotations
+
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from devstack import processes as p
+from tests.conftest import SERVER_DEFAULTS
+from tests.helpers import Clients, chat_body, fetch
+
+pytestmark = pytest.mark.integration
+
+
+def test_two_workers_share_the_ports_and_enforce_one_limit(redis_url: str, tmp_path: Path) -> None:
+    grpc_port, http_port = p.free_port(), p.free_port()
+    env = p.extauthz_env(
+        redis_url=redis_url,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        admin_token="adm-workers",
+        usage_token="use-workers",
+        extra={**SERVER_DEFAULTS, "EXTAUTHZ_JOURNAL_DIR": str(tmp_path / "journal")},
+    )
+    process = p.spawn(
+        [p.executable("extauthz"), "serve", "--workers", "2"], tmp_path / "workers.log", env
+    )
+    try:
+        p.wait_port(grpc_port, process.proc)
+        p.wait_port(http_port, process.proc)
+        # many channels, so the kernel spreads connections over both workers
+        channels = [
+            grpc.insecure_channel(
+                f"127.0.0.1:{grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            for _ in range(8)
+        ]
+        clients = [Clients(c, "adm-workers", "use-workers") for c in channels]
+        key, _ = clients[0].create_key(rpm_limit=30, tpm_limit=0, max_budget=0)
+        auth = {"authorization": f"Bearer {key}"}
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            statuses = list(
+                pool.map(
+                    lambda i: int(
+                        clients[i % 8].check(auth, chat_body()).denied_response.status.code
+                    ),
+                    range(80),
+                )
+            )
+        assert statuses.count(0) == 30 and statuses.count(429) == 50
+        assert sorted((tmp_path / "journal").iterdir()) == [
+            tmp_path / "journal" / "worker-0",
+            tmp_path / "journal" / "worker-1",
+        ]
+        assert fetch(http_port, "GET", "/healthz").status == 200
+        assert process.log_text().count('"msg": "serving"') == 2
+        for channel in channels:
+            channel.close()
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.proc.wait(timeout=20) == 0
+    finally:
+        process.stop()
