@@ -6,6 +6,7 @@ Redis Cluster slot and runs as one Lua script: one round trip per Check.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -13,15 +14,19 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, Final
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from keys import keygen
 from keys.budget import current_reset_ms, first_reset_ms, next_month_start_ms
@@ -102,11 +107,27 @@ def decode_models(stored: str) -> tuple[str, ...]:
     return tuple(m for m in stored.split("\n") if m)
 
 
-def connect(url: str, *, timeout_s: float, max_connections: int = 64) -> aioredis.Redis:
+Client = aioredis.Redis | RedisCluster
+"""What connect() returns: one Redis, or a Redis Cluster (REDIS_URL `redis+cluster://`)."""
+
+CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def connect(url: str, *, timeout_s: float, max_connections: int = 64) -> Client:
     """A client that fails fast: one quick retry (a pooled connection may have died with a
     Redis restart), then StoreUnavailable, well inside Envoy's ext_authz timeout. Callers
     beyond `max_connections` wait for a free connection (up to `timeout_s`) instead of
-    failing."""
+    failing.
+
+    `redis+cluster://host:port[/0][?...]` (`rediss+cluster://` for TLS) is Redis Cluster,
+    `host:port` its seed node: see _FastCluster."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() in CLUSTER_SCHEMES:
+        return _FastCluster.connect(
+            f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+            timeout_s=timeout_s,
+            max_connections=max_connections,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -121,12 +142,123 @@ def connect(url: str, *, timeout_s: float, max_connections: int = 64) -> aioredi
     return aioredis.Redis.from_pool(pool)
 
 
+class _FastCluster(RedisCluster):
+    """redis-py's async RedisCluster, tuned like the single-node client above.
+
+    - Every command gets `timeout_s` to connect and to answer, and one retry
+      (`Retry(NoBackoff(), 1)`) after a connection error; before it the client reloads
+      the slot map (CLUSTER SLOTS), so after a failover the retry goes to the promoted
+      replica. MOVED/ASK redirects are followed inside one attempt (redis-py's own limit
+      of 16 hops) and patch the slot map.
+    - Not retried (redis-py would): a timeout, since the script may have run and a
+      second run would count the request twice (or answer a report as its own
+      duplicate); and CLUSTERDOWN (a failover in progress), on which redis-py already
+      sleeps 0.25 s, so a retry would sleep again, past Envoy's 0.5 s. Either way the
+      next command reloads the slot map.
+    - redis-py's per-node pool does not wait for a free connection, it raises
+      MaxConnectionsError at its cap. So at most `max_connections` commands run at once
+      (the others wait up to `timeout_s`, as with the single-node pool), and each node's
+      cap leaves room above that for pipelines and slot-map reloads.
+    - redis-py calls aclose() itself, inside a command, to force a slot-map reload (on
+      CLUSTERDOWN, every 5th MOVED, a failed pipeline). That closes the connections other
+      commands are using at that moment, which then fail with AttributeError or
+      RuntimeError (uvloop) instead of a ConnectionError. Inside a command, aclose()
+      here only asks for the reload, which marks every connection for a lazy,
+      race-free reconnect; called from outside (shutdown) it closes everything. redis-py
+      also closes a node's idle connections after an error on that node without taking
+      them out of the pool first, so a command can pick one up as it closes (seen
+      during a failover, on the dead primary's connections): those errors become
+      ConnectionError, so a 503, as they would have been.
+    """
+
+    ERRORS_ALLOW_RETRY = (  # type: ignore[assignment]
+        redis_errors.ConnectionError,
+        redis_errors.SlotNotCoveredError,
+    )
+    NODE_HEADROOM: Final = 16
+
+    def __init__(self, *, in_flight: int, wait_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._in_flight = asyncio.Semaphore(in_flight)
+        self._wait_s = wait_s
+
+    @classmethod
+    def connect(cls, url: str, *, timeout_s: float, max_connections: int) -> _FastCluster:
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "retry": Retry(NoBackoff(), 1),
+            "max_connections": max_connections + cls.NODE_HEADROOM,
+            "health_check_interval": 0,
+        }
+        options.update(parse_url(url))  # what RedisCluster.from_url does; the URL wins
+        if options.pop("connection_class", None) is SSLConnection:
+            options["ssl"] = True
+        return cls(in_flight=max_connections, wait_s=timeout_s, **options)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._in_flight.locked():
+            try:
+                async with asyncio.timeout(self._wait_s):
+                    await self._in_flight.acquire()
+            except TimeoutError:
+                raise redis_errors.ConnectionError("no free Redis Cluster connection") from None
+        else:
+            await self._in_flight.acquire()
+        inside = _in_cluster_command.set(True)
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (AttributeError, RuntimeError) as exc:
+            if not _closed_under_us(exc):
+                raise
+            raise redis_errors.ConnectionError("connection closed under the command") from exc
+        finally:
+            _in_cluster_command.reset(inside)
+            self._in_flight.release()
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # which raises
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+    async def aclose(self) -> None:
+        if _in_cluster_command.get():
+            self._initialize = True  # reload the slot map before the next command
+            return
+        await super().aclose()
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        inside = _in_cluster_command.set(True)
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        finally:
+            _in_cluster_command.reset(inside)
+
+
+_in_cluster_command: ContextVar[bool] = ContextVar("_in_cluster_command", default=False)
+
+
+def _closed_under_us(exc: Exception) -> bool:
+    """The command's connection was closed by another task while it was using it."""
+    text = str(exc)
+    if isinstance(exc, AttributeError):
+        return "'NoneType' object has no attribute" in text  # the stream writer is gone
+    return "closed" in text  # uvloop: "unable to perform operation on <TCPTransport ...>"
+
+
 @asynccontextmanager
 async def _translated() -> AsyncIterator[None]:
     """The one place redis-py's exceptions become domain errors."""
     try:
         yield
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
+        # RedisClusterException (no reachable seed, slots not covered, ...) is not a
+        # RedisError; ClusterDownError, MovedError and the like are.
         raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
     except OSError as exc:
         raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
@@ -136,7 +268,7 @@ def _lua(name: str) -> str:
     return resources.files("keys").joinpath("lua", f"{name}.lua").read_text()
 
 
-def _script(redis: aioredis.Redis, name: str, *, with_lib: bool = False) -> Any:
+def _script(redis: Client, name: str, *, with_lib: bool = False) -> Any:
     """redis-py Script objects use EVALSHA and reload on NOSCRIPT (e.g. after a restart)."""
     return redis.register_script((_lua("_budget") if with_lib else "") + _lua(name))
 
@@ -165,7 +297,7 @@ def _decode_cursor(token: str) -> tuple[int, str]:
 class KeyStore:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: Client,
         *,
         clock: Clock = wall_clock_ms,
         dedup_ttl_s: int = 172_800,
@@ -183,14 +315,19 @@ class KeyStore:
 
     async def load_scripts(self) -> None:
         """Loads every script now, so the first Check after a Redis restart does not pay
-        for the reload (redis-py would reload on NOSCRIPT anyway)."""
+        for the reload (redis-py would reload on NOSCRIPT anyway). On a cluster, SCRIPT
+        LOAD goes to every primary (redis-py's routing for it), so a promoted replica
+        gets the scripts once the watcher sees the cluster whole again."""
         async with _translated():
             for script in (self._check, self._report, self._create, self._update, self._rotate):
                 await self.redis.script_load(script.script)
 
     async def ping(self) -> bool:
+        """On a cluster: every primary answers (every slot can be served)."""
         try:
             async with _translated():
+                if isinstance(self.redis, RedisCluster):
+                    return bool(await self.redis.ping(target_nodes=RedisCluster.PRIMARIES))
                 return bool(await self.redis.ping())
         except StoreUnavailable:
             return False
