@@ -50,10 +50,12 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 async def serve(settings: Settings) -> None:
     prices = PriceTable.load(settings.prices_path) if settings.prices_path else PriceTable.builtin()
     redis = key_store.connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    pipelined = key_store.connect_pipelined(settings.redis_url, timeout_s=settings.redis_timeout_s)
     store = key_store.KeyStore(
         redis,
         dedup_ttl_s=settings.usage_dedup_ttl_s,
         usage_retention_days=settings.usage_retention_days,
+        pipelined=pipelined,
     )
     metrics = Metrics(per_key=settings.metrics_per_key)
     decider = Decider(
@@ -143,6 +145,8 @@ async def serve(settings: Settings) -> None:
     http.close()
     await http.wait_closed()
     await redis.aclose()
+    if pipelined is not None:
+        await pipelined.aclose()
     log.info("stopped")
 
 

@@ -38,8 +38,7 @@ def parse_duration(text: str) -> BudgetPeriod:
     match = _DURATION_RE.fullmatch(text)
     if match is None or int(match["n"]) > _MAX[match["unit"]]:
         raise InvalidArgument(
-            f"budget_duration {text[:20]!r}: use '<N>h' (up to 8784), '<N>d' (up to 3660) "
-            "or '1mo'"
+            f"budget_duration {text[:20]!r}: use '<N>h' (up to 8784), '<N>d' (up to 3660) or '1mo'"
         )
     n, unit = int(match["n"]), match["unit"]
     if unit == "mo":

@@ -28,7 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from keys import keygen
+from keys import keygen, resp
 from keys.budget import current_reset_ms, first_reset_ms, next_month_start_ms
 from keys.errors import InvalidArgument, NotFound, StoreUnavailable
 from keys.keygen import ParsedKey
@@ -48,6 +48,7 @@ from keys.model import (
     VirtualKey,
     WindowCount,
 )
+from keys.resp import PipelinedRedis, RedisReplyError
 
 Clock = Callable[[], int]
 """Milliseconds since the epoch; injected so tests control time without sleeping."""
@@ -135,7 +136,9 @@ def connect(url: str, *, timeout_s: float, max_connections: int = 64) -> Client:
         decode_responses=True,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
+        # one retry after a connection error only: a timed-out script may have run, and
+        # running it again would count the request twice
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
         retry_on_timeout=False,
         health_check_interval=0,
     )
@@ -260,7 +263,7 @@ async def _translated() -> AsyncIterator[None]:
         # RedisClusterException (no reachable seed, slots not covered, ...) is not a
         # RedisError; ClusterDownError, MovedError and the like are.
         raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
-    except OSError as exc:
+    except (OSError, RedisReplyError) as exc:  # the pipelined connection's errors
         raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
 
 
@@ -294,6 +297,13 @@ def _decode_cursor(token: str) -> tuple[int, str]:
         raise InvalidArgument("page_token is not one this server issued") from None
 
 
+def connect_pipelined(url: str, *, timeout_s: float) -> PipelinedRedis | None:
+    """The hot path's pipelined connection (keys/resp.py); None for Redis Cluster, where
+    redis-py's cluster client routes every call."""
+    scheme = url.partition("://")[0].lower()
+    return None if scheme in CLUSTER_SCHEMES else PipelinedRedis(url, timeout_s=timeout_s)
+
+
 class KeyStore:
     def __init__(
         self,
@@ -302,8 +312,12 @@ class KeyStore:
         clock: Clock = wall_clock_ms,
         dedup_ttl_s: int = 172_800,
         usage_retention_days: int = 90,
+        pipelined: PipelinedRedis | None = None,
     ) -> None:
+        """`pipelined`, when given, carries the Check and ReportUsage scripts; everything
+        else goes through the redis-py client."""
         self.redis = redis
+        self.pipelined = pipelined
         self.clock = clock
         self.dedup_ttl_s = dedup_ttl_s
         self.usage_ttl_s = (usage_retention_days + 1) * 86_400
@@ -312,6 +326,13 @@ class KeyStore:
         self._create = _script(redis, "create")
         self._update = _script(redis, "update")
         self._rotate = _script(redis, "rotate")
+        self._check_text = resp.Script(self._check.script)
+        self._report_text = resp.Script(self._report.script)
+
+    async def _run(self, script: Any, text: resp.Script, keys: list[str], args: list[Any]) -> Any:
+        if self.pipelined is not None:
+            return await self.pipelined.run_script(text, keys, args)
+        return await script(keys=keys, args=args)
 
     async def load_scripts(self) -> None:
         """Loads every script now, so the first Check after a Redis restart does not pay
@@ -570,7 +591,7 @@ class KeyStore:
             next_month_start_ms(now),
         ]
         async with _translated():
-            reply = await self._check(keys=[record_key(key.key_id)], args=args)
+            reply = await self._run(self._check, self._check_text, [record_key(key.key_id)], args)
         code = int(reply[0])
         reason = _CHECK_REASONS[code]
         if len(reply) == 1:
@@ -629,9 +650,14 @@ class KeyStore:
             next_month_start_ms(now),
         ]
         async with _translated():
-            status, spent, budget = await self._report(keys=keys, args=args)
+            status, spent, budget = await self._run(self._report, self._report_text, keys, args)
         if int(status) == 0:
             raise NotFound(f"key {report.key_id} not found")
+        if int(status) == 3:
+            raise InvalidArgument(
+                "this charge would overflow the key's spend or token counters (about $9 "
+                "billion / 9e18 tokens)"
+            )
         duplicate = int(status) == 2
         return ReportResult(
             duplicate=duplicate,

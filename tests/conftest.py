@@ -14,7 +14,7 @@ import pytest
 
 from devstack import processes as p
 from devstack.mock_upstream import MockUpstream
-from keys.store import KeyStore, connect
+from keys.store import KeyStore, connect, connect_pipelined
 from tests.helpers import Clients
 
 # Known defaults, so tests can assert what CreateKey fills in.
@@ -144,8 +144,15 @@ def clock() -> ManualClock:
     return ManualClock(1_800_000_000_000)
 
 
-@pytest.fixture
-async def store(redis_url: str, clock: ManualClock) -> AsyncIterator[KeyStore]:
+@pytest.fixture(params=["redis-py", "pipelined"])
+async def store(
+    redis_url: str, clock: ManualClock, request: pytest.FixtureRequest
+) -> AsyncIterator[KeyStore]:
+    """The store over both of its Redis paths: redis-py for everything, or the pipelined
+    connection for the Check and ReportUsage scripts (what the server uses)."""
     redis = connect(redis_url, timeout_s=2)
-    yield KeyStore(redis, clock=clock)
+    pipelined = connect_pipelined(redis_url, timeout_s=2) if request.param == "pipelined" else None
+    yield KeyStore(redis, clock=clock, pipelined=pipelined)
     await redis.aclose()
+    if pipelined is not None:
+        await pipelined.aclose()

@@ -13,13 +13,17 @@
 -- ARGV[8]  rate window length, ms
 -- ARGV[9]  seconds to keep the daily rollup
 -- ARGV[10] the first instant of next month (UTC), ms, for monthly budgets
--- returns {status, spent, max_budget}: status 0 unknown key, 1 charged, 2 duplicate
---   (money as integer strings)
+-- returns {status, spent, max_budget}: status 0 unknown key, 1 charged, 2 duplicate,
+--   3 refused: the charge would overflow an int64 counter (money as integer strings)
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, '0', '0'} end
-if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ARGV[7]) then
-  local f = redis.call('HMGET', KEYS[1], 'spent', 'max_budget')
-  return {2, f[1], f[2]}
+local f = redis.call('HMGET', KEYS[1], 'spent', 'max_budget', 'win_tokens')
+if redis.call('EXISTS', KEYS[2]) == 1 then return {2, f[1], f[2]} end
+-- refused before the request id is used, so a corrected retry can still charge it
+-- (9.2e18 stays below 2^63 by far more than a double's rounding at that size)
+if tonumber(f[1]) + tonumber(ARGV[2]) > 9.2e18 or tonumber(f[3]) + tonumber(ARGV[3]) > 9.2e18 then
+  return {3, f[1], f[2]}
 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[7])
 local now = tonumber(ARGV[1])
 local b = redis.call('HMGET', KEYS[1], 'budget_reset_at', 'budget_period_ms')
 roll_budget(KEYS[1], now, b[1], b[2], tonumber(ARGV[10]))

@@ -1010,15 +1010,6 @@ def test_overflowing_or_negative_token_counts_are_rejected(
     assert clients.get_key(data.id).spent == 0 and _tpm_used(clients, key) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: spent is an int64 of nano-USD; a charge that takes it past 2**63-1 "
-    "(ten reports of the largest accepted cost, $1e9) fails HINCRBY inside "
-    "keys/lua/report_usage.lua after the request-id marker was SET, the script error "
-    "becomes StoreUnavailable (keys/store.py _translated), and the report is answered "
-    "UNAVAILABLE or 'queued' (journal) instead of INVALID_ARGUMENT; its request id is "
-    "burnt, so the retry (and the journal replay) reads 'duplicate' and it is never charged",
-)
 def test_a_charge_that_would_overflow_spent_is_rejected_not_lost(clients: Clients) -> None:
     _, data = clients.create_key(max_budget=0, tpm_limit=0)
     for n in range(9):  # $9e9 = 9e18 nano-USD, just under 2**63 - 1
