@@ -94,14 +94,14 @@ class Decider:
                 return Outcome(Verdict.UNVERIFIED, Decision(Reason.OK, key.key_id), model)
             return Outcome(Verdict.DENY, Decision(Reason.AUTH_UNAVAILABLE, key.key_id), model)
         finally:
-            self.metrics.redis_latency.labels("check").observe(time.perf_counter() - started)
+            self.metrics.redis_check_latency.observe(time.perf_counter() - started)
         verdict = Verdict.ALLOW if decision.allowed else Verdict.DENY
         return Outcome(verdict, decision, model)
 
     def _observe(self, outcome: Outcome, seconds: float) -> None:
         decision = outcome.decision
         label = outcome.verdict.value if decision.allowed else decision.reason.value
-        self.metrics.check_duration.labels(label).observe(seconds)
+        self.metrics.observe_check(label, seconds)
         if outcome.verdict is Verdict.ALLOW:
             self.metrics.count_request(decision.key_id, self._model_label(outcome))
             log.debug("allowed", extra={"key_id": decision.key_id})

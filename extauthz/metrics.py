@@ -74,11 +74,26 @@ class Metrics:
             "extauthz_redis_up", "1 while the health watcher reaches Redis", registry=r
         )
 
+        # children looked up once: labels() costs more than the increment itself
+        self._request_children: dict[tuple[str, str], Counter] = {}
+        self._check_children: dict[str, Histogram] = {}
+        self.redis_check_latency = self.redis_latency.labels("check")
+
+    def observe_check(self, decision: str, seconds: float) -> None:
+        child = self._check_children.get(decision)
+        if child is None:
+            child = self._check_children[decision] = self.check_duration.labels(decision)
+        child.observe(seconds)
+
     def _key(self, key_id: str) -> list[str]:
         return [key_id] if self.per_key else []
 
     def count_request(self, key_id: str, model: str) -> None:
-        self.key_requests.labels(*self._key(key_id), model).inc()
+        child = self._request_children.get((key_id, model))
+        if child is None:
+            child = self.key_requests.labels(*self._key(key_id), model)
+            self._request_children[(key_id, model)] = child
+        child.inc()
 
     def count_usage(self, key_id: str, model: str, tokens: int, cost_usd: float) -> None:
         self.key_tokens.labels(*self._key(key_id), model).inc(tokens)

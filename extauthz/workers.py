@@ -29,7 +29,11 @@ def run_workers(count: int, journal_dir: str) -> int:
             subprocess.Popen([sys.executable, "-m", "extauthz.server", "serve"], env=env)
         )
 
+    stopping = False
+
     def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
@@ -38,6 +42,7 @@ def run_workers(count: int, journal_dir: str) -> int:
     signal.signal(signal.SIGINT, forward)
     while all(child.poll() is None for child in children):
         time.sleep(0.2)
-    forward(signal.SIGTERM, None)  # one exited: stop the rest
+    if not stopping:  # one died on its own: stop the rest (once: a second signal would
+        forward(signal.SIGTERM, None)  # catch a worker past its handlers, mid-exit)
     codes = [child.wait() for child in children]
     return max(codes, key=abs)

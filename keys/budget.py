@@ -46,8 +46,24 @@ def parse_duration(text: str) -> BudgetPeriod:
     return BudgetPeriod(text, n * _HOUR_MS * (24 if unit == "d" else 1))
 
 
+_month_cache: tuple[int, int, int] = (0, 0, 0)  # (month start, next month start, result)
+
+
 def next_month_start_ms(now_ms: int) -> int:
-    """The first instant of the calendar month (UTC) after the one `now_ms` falls in."""
+    """The first instant of the calendar month (UTC) after the one `now_ms` falls in.
+    Every Check passes it to the script, so the current month's answer is cached."""
+    global _month_cache
+    start, end, result = _month_cache
+    if start <= now_ms < end:
+        return result
+    result = _next_month_start(now_ms)
+    now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+    start = int(datetime(now.year, now.month, 1, tzinfo=UTC).timestamp() * 1000)
+    _month_cache = (start, result, result)
+    return result
+
+
+def _next_month_start(now_ms: int) -> int:
     now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
     year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
     return int(datetime(year, month, 1, tzinfo=UTC).timestamp() * 1000)

@@ -4,8 +4,8 @@ redis-py's asyncio client checks a connection out of a pool for every command; u
 concurrency that bookkeeping costs several times the Redis round trip itself. Here one
 connection carries every in-flight call: commands are written as they come, replies
 (parsed by hiredis) resolve futures in FIFO order — Redis answers a connection's commands
-in the order it received them. A call that times out leaves its future in the queue, so
-the replies behind it still line up, and its late reply is dropped.
+in the order it received them. A call that times out drops the connection (its state is
+unknown), failing every call still waiting on it; the next call reconnects.
 
 Single-node Redis only (plain, AUTH, SELECT, TLS); a Redis Cluster uses redis-py.
 """
@@ -65,11 +65,22 @@ def encode(args: Sequence[Arg]) -> bytes:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    """One connection: commands written in batches, replies resolved in order.
+
+    Commands issued in one event-loop turn go out in one write. One timer watches the
+    oldest call; when it is late, the connection is dropped (every pending call fails and
+    the next call reconnects), as redis-py does, rather than kept with unknown state.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
         self.reader = hiredis.Reader(notEnoughData=Ellipsis, encoding="utf-8", errors="replace")
-        self.pending: deque[asyncio.Future[Any]] = deque()
+        self.timeout_s = timeout_s
+        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.loop = asyncio.get_running_loop()
+        self._out: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
@@ -78,24 +89,52 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not Ellipsis:
-            future = self.pending.popleft()
+            future, _ = self.pending.popleft()
             if not future.done():
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError("redis connection lost"))
+
+    def _fail(self, error: Exception) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self.pending:
-            future = self.pending.popleft()
+            future, _ = self.pending.popleft()
             if not future.done():
-                future.set_exception(ConnectionError("redis connection lost"))
+                future.set_exception(error)
 
     def send(self, payload: bytes) -> asyncio.Future[Any]:
         if self.closed or self.transport is None:
             raise ConnectionError("redis connection closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.pending.append(future)
-        self.transport.write(payload)
+        future: asyncio.Future[Any] = self.loop.create_future()
+        deadline = self.loop.time() + self.timeout_s
+        self.pending.append((future, deadline))
+        if not self._out:
+            self.loop.call_soon(self._flush)
+        self._out.append(payload)
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._watch)
         return future
+
+    def _flush(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def _watch(self) -> None:
+        self._timer = None
+        if not self.pending:
+            return
+        _, deadline = self.pending[0]
+        if deadline > self.loop.time():
+            self._timer = self.loop.call_at(deadline, self._watch)
+            return
+        self._fail(TimeoutError("redis did not answer in time"))
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class PipelinedRedis:
@@ -105,24 +144,26 @@ class PipelinedRedis:
         self.endpoint = Endpoint.from_url(url)
         self.timeout_s = timeout_s
         self._protocol: _Protocol | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
 
     async def _connection(self) -> _Protocol:
+        """The open connection, or the one connect attempt in progress (bounded by the
+        timeout), which every waiting call joins instead of queueing its own."""
         protocol = self._protocol
         if protocol is not None and not protocol.closed:
             return protocol
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._protocol is None or self._protocol.closed:
-                self._protocol = await asyncio.wait_for(self._connect(), self.timeout_s)
-            return self._protocol
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(
+                asyncio.wait_for(self._connect(), self.timeout_s)
+            )
+        self._protocol = await asyncio.shield(self._connecting)
+        return self._protocol
 
     async def _connect(self) -> _Protocol:
         e = self.endpoint
         context = ssl.create_default_context() if e.tls else None
         _, protocol = await asyncio.get_running_loop().create_connection(
-            _Protocol, e.host, e.port, ssl=context
+            lambda: _Protocol(self.timeout_s), e.host, e.port, ssl=context
         )
         hello: list[Sequence[Arg]] = []
         if e.password is not None:
@@ -139,7 +180,7 @@ class PipelinedRedis:
 
     async def call(self, *args: Arg) -> Any:
         protocol = await self._connection()
-        reply = await asyncio.wait_for(protocol.send(encode(args)), self.timeout_s)
+        reply = await protocol.send(encode(args))
         if isinstance(reply, hiredis.ReplyError):
             raise RedisReplyError(str(reply))
         return reply

@@ -136,8 +136,11 @@ def connect(url: str, *, timeout_s: float, max_connections: int = 64) -> Client:
         decode_responses=True,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        # one retry after a connection error only: a timed-out script may have run, and
-        # running it again would count the request twice
+        # One retry after a connection error (a pooled connection that died with a Redis
+        # restart), never after a timeout. redis-py also retries when the connection drops
+        # after the command went out, so only idempotent work goes through this client:
+        # reads, HSET/ZADD/DEL, and create/rotate scripts that recognise their own re-run.
+        # The Check and ReportUsage scripts use the pipelined connection (keys/resp.py).
         retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
         retry_on_timeout=False,
         health_check_interval=0,

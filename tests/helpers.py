@@ -2,15 +2,58 @@
 
 from __future__ import annotations
 
+import hmac
 import http.client
 import json
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
+from keys.model import KeySpec
 from keys.v1 import keys_pb2, keys_pb2_grpc
+
+# A key with no limits, for store-level tests: override what a test is about.
+OPEN_SPEC = KeySpec(
+    name="k",
+    user_id="u1",
+    team_id="",
+    expires_at_ms=1_900_000_000_000,
+    allowed_models=("*",),
+    max_budget_nanos=0,
+    tpm_limit=0,
+    rpm_limit=0,
+)
+
+
+def key_spec(**overrides: Any) -> KeySpec:
+    spec: KeySpec = replace(OPEN_SPEC, **overrides)
+    return spec
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    """Polls `condition` until it holds or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+class CompareDigestSpy:
+    """Wraps hmac.compare_digest, recording each call and answering as it would."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, Any]] = []
+        self._real = hmac.compare_digest
+
+    def __call__(self, a: Any, b: Any) -> bool:
+        self.calls.append((a, b))
+        return self._real(a, b)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

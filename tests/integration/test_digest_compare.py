@@ -3,39 +3,28 @@ real records in Redis (the Lua side is tested in test_hostile_input.py)."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from keys import keygen
 from keys.model import KeySpec, Reason
 from keys.store import KeyStore
+from tests.helpers import CompareDigestSpy
 
 pytestmark = pytest.mark.integration
 SPEC = KeySpec("k", "u", "", 1_900_000_000_000, ("*",), 0, 0, 0)
 
 
-class Spy:
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, Any]] = []
-        self._real = hmac.compare_digest
-
-    def __call__(self, a: Any, b: Any) -> bool:
-        self.calls.append((a, b))
-        return self._real(a, b)
-
-
 @pytest.fixture
-def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spy]:
-    recorder = Spy()
+def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[CompareDigestSpy]:
+    recorder = CompareDigestSpy()
     monkeypatch.setattr("keys.store.hmac.compare_digest", recorder)
     yield recorder
 
 
 async def test_validate_compares_the_stored_digest_with_compare_digest(
-    store: KeyStore, spy: Spy
+    store: KeyStore, spy: CompareDigestSpy
 ) -> None:
     full, _ = await store.create(SPEC, "sk-mp")
     parsed = keygen.parse_key(full)
@@ -45,7 +34,9 @@ async def test_validate_compares_the_stored_digest_with_compare_digest(
     assert (keygen.digest(full), parsed.digest) in spy.calls
 
 
-async def test_a_wrong_secret_also_goes_through_compare_digest(store: KeyStore, spy: Spy) -> None:
+async def test_a_wrong_secret_also_goes_through_compare_digest(
+    store: KeyStore, spy: CompareDigestSpy
+) -> None:
     full, key = await store.create(SPEC, "sk-mp")
     wrong = keygen.parse_key(f"sk-mp-{key.id}-" + "W" * 43)
     assert wrong is not None
@@ -54,7 +45,7 @@ async def test_a_wrong_secret_also_goes_through_compare_digest(store: KeyStore, 
 
 
 async def test_a_rotated_out_digest_is_checked_with_compare_digest(
-    store: KeyStore, spy: Spy
+    store: KeyStore, spy: CompareDigestSpy
 ) -> None:
     old, key = await store.create(SPEC, "sk-mp")
     await store.rotate(key.id, "sk-mp", grace_ms=60_000)

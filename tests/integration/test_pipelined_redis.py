@@ -65,7 +65,9 @@ async def test_reconnects_after_a_redis_restart(own_redis: RedisServer) -> None:
     await pipe.aclose()
 
 
-async def test_timed_out_call_does_not_shift_later_replies(own_redis: RedisServer) -> None:
+async def test_a_timed_out_call_drops_the_connection_and_later_calls_get_their_own_reply(
+    own_redis: RedisServer,
+) -> None:
     pipe = PipelinedRedis(own_redis.url, timeout_s=0.3)
     assert await pipe.run_script(ECHO, [], ["warm"]) == "warm"
     assert own_redis.process is not None
@@ -76,7 +78,7 @@ async def test_timed_out_call_does_not_shift_later_replies(own_redis: RedisServe
             await pipe.run_script(ECHO, [], ["late"])
     finally:
         os.kill(pid, signal.SIGCONT)
-    # the late reply arrives first and is dropped: this call gets its own
+    # a fresh connection: the late reply went with the old one
     assert await pipe.run_script(ECHO, [], ["next"]) == "next"
     await pipe.aclose()
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,18 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.processes import RedisServer
 from tests.conftest import Server, start_server
-from tests.helpers import Clients, chat_body
+from tests.helpers import Clients, chat_body, eventually
 
 pytestmark = pytest.mark.integration
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 8) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def health_status(channel: grpc.Channel) -> int:

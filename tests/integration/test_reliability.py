@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,18 +15,9 @@ import pytest
 from devstack.processes import RedisServer
 from keys.v1 import keys_pb2
 from tests.conftest import Server, start_server
-from tests.helpers import Clients, chat_body, fetch
+from tests.helpers import Clients, chat_body, eventually, fetch
 
 pytestmark = pytest.mark.integration
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 class Node:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -11,24 +12,14 @@ from keys.errors import NotFound, StoreUnavailable
 from keys.model import NO_BODY, UNREADABLE, KeySpec, Reason, RequestedModel, UsageReport
 from keys.store import KeyStore, connect, record_key
 from tests.conftest import ManualClock
+from tests.helpers import key_spec
 
 pytestmark = pytest.mark.integration
 DAY_MS = 86_400_000
 
 
-def spec(**overrides: object) -> KeySpec:
-    fields: dict[str, object] = {
-        "name": "k",
-        "user_id": "u1",
-        "team_id": "t1",
-        "expires_at_ms": 1_900_000_000_000,
-        "allowed_models": ("*",),
-        "max_budget_nanos": 0,
-        "tpm_limit": 0,
-        "rpm_limit": 0,
-    }
-    fields.update(overrides)
-    return KeySpec(**fields)  # type: ignore[arg-type]
+def spec(**overrides: Any) -> KeySpec:
+    return key_spec(**{"team_id": "t1", **overrides})
 
 
 def usage(key_id: str, request_id: str, cost_nanos: int = 1000, tokens: int = 10) -> UsageReport:

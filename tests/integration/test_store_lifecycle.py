@@ -11,32 +11,18 @@ import pytest
 from keys import keygen
 from keys.budget import parse_duration
 from keys.errors import InvalidArgument, NotFound
-from keys.model import KeySpec, KeyUpdate, Reason, RequestedModel, Status, UsageReport
-from keys.store import KeyStore, Page
+from keys.model import KeyUpdate, Reason, RequestedModel, Status, UsageReport
+from keys.store import KeyStore, Page, record_key
 from tests.conftest import ManualClock
+from tests.helpers import key_spec
 
 pytestmark = pytest.mark.integration
 GPT4 = RequestedModel.named("gpt-4")
 DAY = 86_400
 
 
-def spec(user_id: str = "u1", **overrides: object) -> KeySpec:
-    fields: dict[str, object] = {
-        "name": "k",
-        "user_id": user_id,
-        "team_id": "",
-        "expires_at_ms": 1_900_000_000_000,
-        "allowed_models": ("*",),
-        "max_budget_nanos": 0,
-        "tpm_limit": 0,
-        "rpm_limit": 0,
-    }
-    fields.update(overrides)
-    return KeySpec(**fields)  # type: ignore[arg-type]
-
-
 async def create(store: KeyStore, **overrides: Any) -> tuple[str, keygen.ParsedKey]:
-    full, _ = await store.create(spec(**overrides), "sk-mp")
+    full, _ = await store.create(key_spec(**overrides), "sk-mp")
     parsed = keygen.parse_key(full)
     assert parsed is not None
     return full, parsed
@@ -279,3 +265,27 @@ async def test_team_usage_sums_its_keys_including_deleted_ones(store: KeyStore) 
     ids = await store.key_ids_of(team_id=team)
     assert sorted(ids) == sorted([a.key_id, b.key_id])
     assert sum(r.cost_nanos for r in (await store.usage(ids, days=1)).rows) == 42
+
+
+# --- scripts re-run by a client retry -------------------------------------------------
+
+
+async def test_create_script_rerun_recognises_its_own_key(store: KeyStore) -> None:
+    full, key = await store.create(key_spec(), "sk-mp")
+    fields: dict[str, str] = await store.redis.hgetall(record_key(key.id))  # type: ignore[assignment]
+    args = [item for pair in fields.items() for item in pair]
+    assert await store._create(keys=[record_key(key.id)], args=args) == 1
+    other = dict(fields, hash=keygen.digest(full + "x"))
+    other_args = [item for pair in other.items() for item in pair]
+    assert await store._create(keys=[record_key(key.id)], args=other_args) == 0
+
+
+async def test_rotate_script_rerun_keeps_the_old_secrets_grace(
+    store: KeyStore, clock: ManualClock
+) -> None:
+    _, key = await create(store)
+    new_digest = keygen.digest(f"sk-mp-{key.key_id}-" + "N" * 43)
+    args = [new_digest, clock.now_ms + 60_000]
+    assert await store._rotate(keys=[record_key(key.key_id)], args=args) == 1
+    assert await store._rotate(keys=[record_key(key.key_id)], args=args) == 1  # the retry
+    assert (await store.check(key, GPT4)).allowed  # old secret, still in its grace

@@ -16,14 +16,12 @@ The Lua function runs against the real Redis in tests/integration/test_hostile_i
 from __future__ import annotations
 
 import ast
-import hmac
 import inspect
 import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -33,22 +31,14 @@ import extauthz.auth
 import keys.store
 from extauthz.auth import Role, role_of
 from keys import keygen
+from tests.helpers import CompareDigestSpy
 
 pytestmark = pytest.mark.unit
 
 ADMIN, USAGE = "adm-0123456789abcdefghij", "use-0123456789abcdefghij"
 
 
-class Spy:
-    """Wraps hmac.compare_digest, recording each call and answering as it would."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, Any]] = []
-        self._real = hmac.compare_digest
-
-    def __call__(self, a: Any, b: Any) -> bool:
-        self.calls.append((a, b))
-        return self._real(a, b)
+Spy = CompareDigestSpy
 
 
 @pytest.fixture
