@@ -52,6 +52,7 @@ def main() -> int:
         )
         env["EXTAUTHZ_ADMIN_TOKEN"], env["EXTAUTHZ_USAGE_TOKEN"] = admin_token, usage_token
         env.setdefault("EXTAUTHZ_JOURNAL_DIR", str(RUN_DIR / "journal"))
+        env.setdefault("EXTAUTHZ_DRAIN_SECONDS", "0")  # nothing to drain for: stop at once
         started.append(p.start_extauthz(env, RUN_DIR / "extauthz.log"))
         upstream = MockUpstream(
             ports["upstream"], f"127.0.0.1:{ports['extauthz']}", usage_token
