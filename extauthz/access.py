@@ -7,7 +7,7 @@ import grpc
 
 from extauthz.auth import Role, bearer, bearer_key, metadata_value, role_of
 from extauthz.settings import Settings
-from keys.errors import NotFound
+from keys.errors import InvalidArgument, NotFound
 from keys.model import Reason, VirtualKey
 from keys.store import KeyStore
 
@@ -18,7 +18,15 @@ async def require_admin(context: Context, settings: Settings) -> str | None:
     """Aborts unless the admin token is presented; returns the x-user-id scope, if any."""
     if role_of(bearer(context), settings.admin_token, "") is not Role.ADMIN:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin token required")
-    return metadata_value(context, "x-user-id")
+    return user_scope(context)
+
+
+def user_scope(context: Context) -> str | None:
+    """The x-user-id scope; an empty one is refused rather than read as "everyone"."""
+    user = metadata_value(context, "x-user-id")
+    if user is not None and not user.strip():
+        raise InvalidArgument("x-user-id is empty")
+    return user
 
 
 def scoped(key: VirtualKey, user: str | None) -> VirtualKey:

@@ -64,7 +64,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
             team_id=validation.text("team_id", request.team_id, required=False, max_chars=128),
             expires_at_ms=now + days * DAY_MS,
             allowed_models=validation.models(request.allowed_models),
-            max_budget_nanos=validation.usd("max_budget", request.max_budget)
+            max_budget_nanos=validation.budget("max_budget", request.max_budget)
             if request.HasField("max_budget")
             else s.default_budget_nanos,
             tpm_limit=validation.limit("tpm_limit", request.tpm_limit)
@@ -121,7 +121,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
             allowed_models=validation.models(request.allowed_models.models)
             if has("allowed_models")
             else None,
-            max_budget_nanos=validation.usd("max_budget", request.max_budget)
+            max_budget_nanos=validation.budget("max_budget", request.max_budget)
             if has("max_budget")
             else None,
             tpm_limit=validation.limit("tpm_limit", request.tpm_limit)
@@ -192,7 +192,8 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
             key_id=parsed.key_id,
             error="" if reason is Reason.OK else reason.value,
         )
-        if record is not None:
+        # a revoked or expired key learns that much, not its data (as with GetKey)
+        if record is not None and reason not in (Reason.KEY_REVOKED, Reason.KEY_EXPIRED):
             now = self.store.clock()
             rpm, tpm = record.windows(now)
             response.key_data.CopyFrom(convert.key_data(record, now))

@@ -122,7 +122,7 @@ class Decider:
         model = outcome.model
         if model is None or model.kind is not BodyModel.NAMED:
             return "none" if model is None or model.kind is BodyModel.NO_BODY else "unknown"
-        return model.name if self.prices.lookup(model.name) is not None else "other"
+        return self.prices.label(model.name)
 
 
 def http_headers(http: external_auth_pb2.AttributeContext.HttpRequest) -> dict[str, str]:

@@ -78,6 +78,7 @@ class HttpEndpoint:
                     )
                 except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
                     return
+                method = ""
                 try:
                     method, path, version, headers = _parse_head(head)
                     await _discard_body(reader, headers)
@@ -158,7 +159,10 @@ async def _discard_body(reader: asyncio.StreamReader, headers: dict[str, str]) -
     if length < 0 or length > MAX_DISCARDED_BODY:
         raise BadRequest("request body too large")
     if length:
-        await reader.readexactly(length)
+        try:
+            await reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise BadRequest("request body shorter than its content-length") from None
 
 
 def _keep_alive(version: str, headers: dict[str, str]) -> bool:
@@ -173,4 +177,5 @@ def _response(status: int, headers: Headers, body: bytes, length: int, keep_aliv
     lines += [f"{k}: {v}" for k, v in headers]
     lines.append(f"content-length: {length}")
     lines.append("connection: keep-alive" if keep_alive else "connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    # header values may carry UTF-8 (a user id like "李雷"); nginx passes the bytes through
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

@@ -27,6 +27,8 @@ async def replay_forever(
                 replayed = await journal.replay(store.report_usage)
             except StoreUnavailable:
                 log.warning("journal replay interrupted: redis unreachable again")
+            except Exception:  # keep replaying later: the journal keeps what was not charged
+                log.exception("journal replay failed")
             else:
                 log.info("journal replayed", extra={"reports": replayed})
         metrics.journal_depth.set(journal.pending)

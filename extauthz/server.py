@@ -138,7 +138,7 @@ async def serve(settings: Settings) -> None:
     await server.stop(SHUTDOWN_GRACE_S)
     if replayer is not None:
         replayer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await replayer
     if journal is not None:
         journal.close()
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print("extauthz: --workers must be at least 1", file=sys.stderr)
         return 2
-    if args.workers > 1:
+    if args.workers > 1 and "EXTAUTHZ_WORKER_INDEX" not in os.environ:
         return run_workers(args.workers, settings.journal_dir)
     configure(settings.log_level)
     try:

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from keys import keygen
 from keys.money import MAX_USD, usd_to_nanos
+from keys.validation import MAX_LIMIT
 
 
 class SettingsError(ValueError):
@@ -89,8 +90,8 @@ class Settings:
             redis_timeout_s=r.integer("EXTAUTHZ_REDIS_TIMEOUT_MS", 150, 1, 60_000) / 1000,
             key_prefix=prefix,
             default_budget_nanos=r.usd("VIRTUAL_KEY_DEFAULT_BUDGET", "100.0"),
-            default_tpm=r.integer("VIRTUAL_KEY_DEFAULT_TPM", 10_000, 0, 1 << 53),
-            default_rpm=r.integer("VIRTUAL_KEY_DEFAULT_RPM", 60, 0, 1 << 53),
+            default_tpm=r.integer("VIRTUAL_KEY_DEFAULT_TPM", 10_000, 0, MAX_LIMIT),
+            default_rpm=r.integer("VIRTUAL_KEY_DEFAULT_RPM", 60, 0, MAX_LIMIT),
             max_expires_days=r.integer("VIRTUAL_KEY_MAX_EXPIRES_DAYS", 365, 1, 36_500),
             usage_dedup_ttl_s=r.integer("EXTAUTHZ_USAGE_DEDUP_SECONDS", 172_800, 60, 1 << 31),
             usage_retention_days=r.integer("EXTAUTHZ_USAGE_RETENTION_DAYS", 90, 1, 3650),

@@ -8,8 +8,8 @@ import time
 import grpc
 
 from extauthz import convert
-from extauthz.access import readable_key, require_admin
-from extauthz.auth import bearer, metadata_value, role_of
+from extauthz.access import readable_key, require_admin, user_scope
+from extauthz.auth import bearer, role_of
 from extauthz.errors import rpc_errors
 from extauthz.metrics import Metrics
 from extauthz.settings import Settings
@@ -81,7 +81,7 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
         except InvalidArgument:
             self.metrics.usage_reports.labels("invalid").inc()
             raise
-        user = metadata_value(context, "x-user-id")
+        user = user_scope(context)
         if user is not None and (await self.store.get(report.key_id)).user_id != user:
             raise NotFound(f"key {report.key_id} not found")
         started = time.perf_counter()
@@ -108,7 +108,7 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
             log.info("duplicate usage report", extra={"key_id": report.key_id})
         else:
             self.metrics.usage_reports.labels("charged").inc()
-            model_label = report.model if self.prices.lookup(report.model) else "other"
+            model_label = self.prices.label(report.model)
             self.metrics.count_usage(
                 report.key_id, model_label, report.total_tokens, nanos_to_usd(report.cost_nanos)
             )

@@ -22,7 +22,8 @@ def run_workers(count: int, journal_dir: str) -> int:
     so the orchestrator (Kubernetes, systemd) restarts the whole set."""
     children: list[subprocess.Popen[bytes]] = []
     for index in range(count):
-        env = dict(os.environ, EXTAUTHZ_WORKER_INDEX=str(index))
+        # EXTAUTHZ_WORKERS=1: a worker serves; it must not start workers of its own
+        env = dict(os.environ, EXTAUTHZ_WORKER_INDEX=str(index), EXTAUTHZ_WORKERS="1")
         if journal_dir:
             env["EXTAUTHZ_JOURNAL_DIR"] = str(Path(journal_dir) / f"worker-{index}")
         children.append(

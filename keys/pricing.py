@@ -83,13 +83,24 @@ class PriceTable:
         return cls(prices)
 
     def lookup(self, model: str) -> Price | None:
-        price = self._prices.get(model)
-        if price is not None:
-            return price
+        entry = self.entry(model)
+        return None if entry is None else self._prices[entry]
+
+    def entry(self, model: str) -> str | None:
+        """The table entry that prices `model` (its own name, a prefix, or `default`)."""
+        if model in self._prices:
+            return model
         for name in self._by_length:
             if name != DEFAULT_ENTRY and model.startswith(name + "-"):
-                return self._prices[name]
-        return self._prices.get(DEFAULT_ENTRY)
+                return name
+        return DEFAULT_ENTRY if DEFAULT_ENTRY in self._prices else None
+
+    def label(self, model: str) -> str:
+        """A metric label for `model`: the table entry that prices it, so clients choosing
+        model strings cannot create label values (`gpt-4-x` counts as `gpt-4`); `other`
+        for what only the `default` entry or nothing prices."""
+        entry = self.entry(model)
+        return "other" if entry is None or entry == DEFAULT_ENTRY else entry
 
     def cost_nanos(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
         price = self.lookup(model)

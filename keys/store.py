@@ -510,7 +510,8 @@ class KeyStore:
                     last = cursor
                     if len(found) == page_size:
                         break
-        more = bool(await self._index_after(index, last, 1)) if last else False
+        async with _translated():
+            more = bool(await self._index_after(index, last, 1)) if last else False
         return Page(tuple(found), _encode_cursor(*last) if last and more else "")
 
     async def _index_after(

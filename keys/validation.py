@@ -52,6 +52,14 @@ def usd(field: str, value: float) -> int:
     return usd_to_nanos(value)
 
 
+def budget(field: str, value: float) -> int:
+    """Like usd(), but a positive budget never rounds to 0, which would mean "no budget"."""
+    nanos = usd(field, value)
+    if value > 0 and nanos == 0:
+        raise InvalidArgument(f"{field} is below 1e-9 USD; use 0 for no budget")
+    return nanos
+
+
 def limit(field: str, value: int) -> int:
     if not 0 <= value <= MAX_LIMIT:
         raise InvalidArgument(f"{field} must be from 0 (no limit) to {MAX_LIMIT}")

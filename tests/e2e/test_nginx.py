@@ -144,3 +144,15 @@ def test_unreachable_extauthz_is_503_auth_unavailable(
         assert len(upstream.seen) == before
     finally:
         proxy.process.stop()
+
+
+def test_unicode_user_id_passes_through_nginx(
+    nginx: Nginx, clients: Clients, upstream: MockUpstream
+) -> None:
+    key, data = clients.create_key(user_id="李雷")
+    reply = post(nginx.port, {"x-api-key": key, "x-model": "gpt-4"}, chat_body())
+    assert reply.status == 200
+    saw = upstream.seen[-1].headers
+    assert saw["x-virtual-key-id"] == data.id
+    # the mock's HTTP parser reads header bytes as Latin-1: the UTF-8 bytes arrived intact
+    assert saw["x-virtual-key-user-id"].encode("latin-1").decode() == "李雷"

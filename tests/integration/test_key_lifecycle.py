@@ -315,3 +315,10 @@ def test_every_method_works_through_grpcurl(server: Server) -> None:
     revoked = grpcurl(server, "keys.v1.KeyService/RevokeKey", {"id": key_id})
     assert revoked["status"] == "revoked"
     assert grpcurl(server, "keys.v1.KeyService/DeleteKey", {"id": key_id}) == {"id": key_id}
+
+
+def test_an_empty_x_user_id_is_refused_not_read_as_everyone(clients: Clients) -> None:
+    err = rpc_error(
+        lambda: clients.keys.ListKeys(keys_pb2.ListKeysRequest(), metadata=admin_as(clients, ""))
+    )
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT

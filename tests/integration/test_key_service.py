@@ -68,6 +68,7 @@ def test_expires_days_is_honoured(clients: Clients) -> None:
         ({"expires_days": 0}, "expires_days must be from 1 to 90"),
         ({"max_budget": -1.0}, "max_budget"),
         ({"max_budget": float("nan")}, "max_budget"),
+        ({"max_budget": 4e-10}, "below 1e-9 USD"),
         ({"rpm_limit": -5}, "rpm_limit"),
         ({"name": "  "}, "name is required"),
         ({"user_id": ""}, "user_id is required"),
@@ -157,6 +158,7 @@ def test_validate_key_names_the_problem(clients: Clients) -> None:
     clients.revoke(data.id)
     revoked = clients.keys.ValidateKey(keys_pb2.ValidateKeyRequest(key=key))
     assert (revoked.valid, revoked.error) == (False, "key_revoked")
+    assert not revoked.HasField("key_data")  # a revoked key learns no more than that
     tampered = clients.keys.ValidateKey(keys_pb2.ValidateKeyRequest(key=key[:-1] + "Q"))
     assert (tampered.valid, tampered.error) == (False, "invalid_api_key")
     assert not tampered.HasField("key_data")

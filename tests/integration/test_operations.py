@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -135,3 +136,9 @@ def test_sigterm_drains_then_exits_zero(redis_url: str, tmp_path: Path) -> None:
     finally:
         channel.close()
         srv.process.stop()
+
+
+def test_malformed_request_line_gets_400(server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as sock:
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 400 ")

@@ -16,7 +16,10 @@ from tests.helpers import Clients, chat_body, fetch
 pytestmark = pytest.mark.integration
 
 
-def test_two_workers_share_the_ports_and_enforce_one_limit(redis_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_two_workers_share_the_ports_and_enforce_one_limit(
+    redis_url: str, tmp_path: Path, how: str
+) -> None:
     grpc_port, http_port = p.free_port(), p.free_port()
     env = p.extauthz_env(
         redis_url=redis_url,
@@ -26,9 +29,12 @@ def test_two_workers_share_the_ports_and_enforce_one_limit(redis_url: str, tmp_p
         usage_token="use-workers",
         extra={**SERVER_DEFAULTS, "EXTAUTHZ_JOURNAL_DIR": str(tmp_path / "journal")},
     )
-    process = p.spawn(
-        [p.executable("extauthz"), "serve", "--workers", "2"], tmp_path / "workers.log", env
-    )
+    args = [p.executable("extauthz"), "serve"]
+    if how == "flag":
+        args += ["--workers", "2"]
+    else:
+        env["EXTAUTHZ_WORKERS"] = "2"  # inherited by the workers, who must not fork again
+    process = p.spawn(args, tmp_path / "workers.log", env)
     try:
         p.wait_port(grpc_port, process.proc)
         p.wait_port(http_port, process.proc)

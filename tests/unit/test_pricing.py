@@ -50,3 +50,13 @@ def test_bad_price_files_are_refused(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     with pytest.raises(ValueError):
         PriceTable.load(path)
+
+
+def test_metric_label_is_the_pricing_entry_never_the_client_string(tmp_path: Path) -> None:
+    table = PriceTable.builtin()
+    assert table.label("gpt-4") == "gpt-4"
+    assert table.label("gpt-4-attacker-chosen-123") == "gpt-4"
+    assert table.label("llama-local") == "other"
+    path = tmp_path / "prices.yaml"
+    path.write_text("default: {input: 1, output: 1}\n")
+    assert PriceTable.load(path).label("anything") == "other"

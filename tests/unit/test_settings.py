@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+
+from extauthz.settings import Settings, SettingsError
+
+pytestmark = pytest.mark.unit
+
+
+def test_defaults_follow_spec() -> None:
+    s = Settings.from_env({})
+    assert (s.grpc_port, s.http_port, s.bind) == (9191, 9192, "0.0.0.0")
+    assert (s.key_prefix, s.default_tpm, s.default_rpm, s.max_expires_days) == (
+        "sk-mp",
+        10_000,
+        60,
+        365,
+    )
+    assert s.default_budget_nanos == 100 * 10**9 and s.redis_url == "redis://localhost:6379/0"
+    assert s.public_paths == frozenset({"/healthz", "/metrics"}) and not s.fail_open
+
+
+def test_redis_url_is_built_from_the_guides_variables() -> None:
+    s = Settings.from_env({"REDIS_HOST": "cache", "REDIS_PORT": "6380", "REDIS_DB": "2"})
+    assert s.redis_url == "redis://cache:6380/2"
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"VIRTUAL_KEY_DEFAULT_TPM": "3000000000"}, "VIRTUAL_KEY_DEFAULT_TPM"),
+        ({"EXTAUTHZ_GRPC_PORT": "abc"}, "EXTAUTHZ_GRPC_PORT"),
+        ({"EXTAUTHZ_FAIL_OPEN": "maybe"}, "EXTAUTHZ_FAIL_OPEN"),
+        ({"VIRTUAL_KEY_DEFAULT_BUDGET": "-1"}, "VIRTUAL_KEY_DEFAULT_BUDGET"),
+        ({"VIRTUAL_KEY_PREFIX": "sk mp"}, "VIRTUAL_KEY_PREFIX"),
+    ],
+)
+def test_unusable_values_are_refused_naming_the_variable(env: dict[str, str], name: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env(env)
