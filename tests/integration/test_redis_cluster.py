@@ -392,10 +392,10 @@ def fail_over(
     assert result.counted == limit  # the promoted replica stopped at the limit itself
     # The overshoot is exactly the lost counts, all from the primary's last answers.
     assert result.allowed <= limit + result.recent
-    # A 503 takes a reconnect, or redis-py's 0.25 s pause on CLUSTERDOWN: inside Envoy's
-    # 0.5 s on an idle machine (up to 0.48 s seen on a busy 2-CPU one). Past it, Envoy
-    # answers 503 itself (status_on_error), only without our JSON body.
-    assert max(a.took for a in answers) < 1.0
+    # Nothing hangs through the failover. (A 503 takes a reconnect, or redis-py's 0.25 s
+    # pause on CLUSTERDOWN: inside Envoy's 0.5 s on an idle machine, up to 0.48 s seen on a
+    # busy one; how fast is the benchmark's business, this bound only catches a hang.)
+    assert max(a.took for a in answers) < 5.0
     return result
 
 
