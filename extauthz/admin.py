@@ -36,6 +36,13 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         self.store = store
         self.settings = settings
 
+    async def _changeable(self, context: Context, raw_id: str) -> str:
+        """The id of an existing key the admin caller may change (x-user-id scoped)."""
+        user = await require_admin(context, self.settings)
+        key_id = validation.key_id("id", raw_id)
+        scoped(await self.store.get(key_id), user)
+        return key_id
+
     def _audit(self, context: Context, action: str, key_id: str, **fields: object) -> None:
         log.info(
             action,
@@ -109,9 +116,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
     async def UpdateKey(
         self, request: keys_pb2.UpdateKeyRequest, context: Context
     ) -> keys_pb2.KeyData:
-        user = await require_admin(context, self.settings)
-        key_id = validation.key_id("id", request.id)
-        scoped(await self.store.get(key_id), user)
+        key_id = await self._changeable(context, request.id)
         now = self.store.clock()
         has = request.HasField
         change = KeyUpdate(
@@ -146,9 +151,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
     async def RevokeKey(
         self, request: keys_pb2.RevokeKeyRequest, context: Context
     ) -> keys_pb2.KeyData:
-        user = await require_admin(context, self.settings)
-        key_id = validation.key_id("id", request.id)
-        scoped(await self.store.get(key_id), user)
+        key_id = await self._changeable(context, request.id)
         key = await self.store.revoke(key_id)
         self._audit(context, "key revoked", key_id)
         return convert.key_data(key, self.store.clock())
@@ -157,10 +160,8 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
     async def RotateKey(
         self, request: keys_pb2.RotateKeyRequest, context: Context
     ) -> keys_pb2.CreateKeyResponse:
-        user = await require_admin(context, self.settings)
-        key_id = validation.key_id("id", request.id)
+        key_id = await self._changeable(context, request.id)
         grace = validation.grace_seconds(request.grace_seconds)
-        scoped(await self.store.get(key_id), user)
         full_key, key = await self.store.rotate(key_id, self.settings.key_prefix, grace * 1000)
         self._audit(context, "key rotated", key_id, grace_seconds=grace)
         return keys_pb2.CreateKeyResponse(
@@ -171,9 +172,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
     async def DeleteKey(
         self, request: keys_pb2.DeleteKeyRequest, context: Context
     ) -> keys_pb2.DeleteKeyResponse:
-        user = await require_admin(context, self.settings)
-        key_id = validation.key_id("id", request.id)
-        scoped(await self.store.get(key_id), user)
+        key_id = await self._changeable(context, request.id)
         await self.store.delete(key_id)
         self._audit(context, "key deleted", key_id)
         return keys_pb2.DeleteKeyResponse(id=key_id)

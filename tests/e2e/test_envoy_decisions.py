@@ -14,10 +14,9 @@ import pytest
 
 from devstack.mock_upstream import MockUpstream
 from devstack.processes import RedisServer, free_port
-from keys.model import KeySpec
 from keys.store import KeyStore
 from tests.conftest import Envoy, ManualClock, start_envoy, start_server
-from tests.helpers import Clients, HttpReply, chat_body, fetch
+from tests.helpers import Clients, HttpReply, chat_body, fetch, key_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -179,17 +178,7 @@ def test_revoked_key_is_401_key_revoked(envoy: Envoy, clients: Clients) -> None:
 async def test_expired_key_is_401_key_expired(
     envoy: Envoy, store: KeyStore, clock: ManualClock
 ) -> None:
-    spec = KeySpec(
-        name="old",
-        user_id="u",
-        team_id="",
-        expires_at_ms=1,
-        allowed_models=("*",),
-        max_budget_nanos=0,
-        tpm_limit=0,
-        rpm_limit=0,
-    )
-    key, _ = await store.create(spec, "sk-mp")
+    key, _ = await store.create(key_spec(name="old", expires_at_ms=1), "sk-mp")
     assert_denied(post(envoy, {"authorization": f"Bearer {key}"}, chat_body()), 401, "key_expired")
 
 
