@@ -11,7 +11,7 @@ import pytest
 
 from devstack import processes as p
 from tests.conftest import SERVER_DEFAULTS
-from tests.helpers import Clients, chat_body, fetch
+from tests.helpers import Clients, chat_body, eventually, fetch
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +38,8 @@ def test_two_workers_share_the_ports_and_enforce_one_limit(
     try:
         p.wait_port(grpc_port, process.proc)
         p.wait_port(http_port, process.proc)
+        # the first worker to bind opens the port; wait for both before the load
+        assert eventually(lambda: process.log_text().count('"msg": "serving"') == 2)
         # many channels, so the kernel spreads connections over both workers
         channels = [
             grpc.insecure_channel(
