@@ -8,6 +8,7 @@ import grpc
 
 from extauthz import convert
 from extauthz.access import Context, readable_key, require_admin, scoped
+from extauthz.auth import metadata_value
 from extauthz.errors import rpc_errors
 from extauthz.settings import Settings
 from keys import validation
@@ -44,9 +45,18 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         return key_id
 
     def _audit(self, context: Context, action: str, key_id: str, **fields: object) -> None:
+        """Who (the admin token's holder, from this peer, acting for x-user-id if sent),
+        what, which key. Never a token or a key."""
         log.info(
             action,
-            extra={"action": action, "key_id": key_id, "peer": context.peer(), **fields},
+            extra={
+                "action": action,
+                "key_id": key_id,
+                "actor": "admin",
+                "on_behalf_of": metadata_value(context, "x-user-id"),
+                "peer": context.peer(),
+                **fields,
+            },
         )
 
     @rpc_errors

@@ -112,6 +112,10 @@ def test_admin_actions_are_logged_as_json_without_secrets(server: Server, client
     actions = [(e.get("action"), e.get("fields")) for e in entries if e.get("key_id") == data.id]
     assert ("key created", None) in actions and ("key updated", ["rpm_limit"]) in actions
     assert ("key rotated", None) in actions and ("key revoked", None) in actions
+    created = next(
+        e for e in entries if e.get("action") == "key created" and e["key_id"] == data.id
+    )
+    assert created["actor"] == "admin" and created["peer"]
     for secret in (key, rotated.key, server.admin_token):
         assert secret not in log
 
