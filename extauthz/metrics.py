@@ -1,7 +1,8 @@
 """Prometheus collectors: the integration guide's four, under their exact names, and ours.
 
 Label values never carry a secret: key ids are public, reasons are a fixed set, and a
-model label is a priced model's name or `other` (clients choose model strings freely).
+model label is the price-table entry that priced the model, or `other` (clients choose
+model strings freely, so the label never repeats one).
 Fleets with many keys can drop the `key_id` label (EXTAUTHZ_METRICS_KEY_ID=false).
 """
 
