@@ -15,7 +15,7 @@ import pytest
 from devstack.processes import RedisServer
 from keys.v1 import keys_pb2
 from tests.conftest import Server, start_server
-from tests.helpers import Clients, chat_body, eventually, fetch
+from tests.helpers import Clients, chat_body, check_request, eventually, fetch
 
 pytestmark = pytest.mark.integration
 
@@ -208,3 +208,28 @@ def test_limits_and_spend_stay_exact_across_a_redis_restart_under_load(tmp_path:
         a.close()
         b.close()
         redis.stop()
+
+
+def test_redis_killed_under_load_every_check_still_gets_an_answer(
+    aof_redis: RedisServer, tmp_path: Path
+) -> None:
+    node = Node(aof_redis.url, tmp_path / "a")
+    try:
+        key, _ = node.clients.create_key(rpm_limit=0, tpm_limit=0, max_budget=0)
+        request = check_request({"authorization": f"Bearer {key}"}, chat_body())
+
+        def check(_: int) -> int:
+            # a deadline of 2x Envoy's ext_authz timeout: an answer, not a hang
+            reply = node.clients.authz.Check(request, timeout=1.0)
+            return int(reply.denied_response.status.code)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            first = list(pool.map(check, range(40)))
+            during = [pool.submit(check, i) for i in range(200)]
+            aof_redis.stop(signal.SIGKILL)
+            statuses = [f.result() for f in during]
+            after = list(pool.map(check, range(40)))
+        assert set(first) == {0}
+        assert set(statuses) <= {0, 503} and set(after) == {503}
+    finally:
+        node.close()
