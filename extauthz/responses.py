@@ -167,9 +167,11 @@ def _strip_client_identity(client_headers: Iterable[str], keep: Iterable[str] = 
     return ["authorization", "x-api-key", "api-key", *spoofed]
 
 
+# Every allow is serialized by extauthz/wire.py; denials use the protobuf API.
+
+
 def envoy_allow(decision: Decision, client_headers: Iterable[str]) -> bytes:
-    """Serialized (see extauthz/wire.py): identity upstream, client key removed, rate-limit
-    headers to the client."""
+    """Identity upstream, client key removed, rate-limit headers to the client."""
     upstream = upstream_identity(decision)
     return wire.ok_check_response(
         upstream,
@@ -178,26 +180,17 @@ def envoy_allow(decision: Decision, client_headers: Iterable[str]) -> bytes:
     )
 
 
-def envoy_allow_public(client_headers: Iterable[str]) -> external_auth_pb2.CheckResponse:
+def envoy_allow_public(client_headers: Iterable[str]) -> bytes:
     """A public path: no key needed; still, nothing client-sent may pose as our identity."""
     removed = [h for h in client_headers if h.startswith(VIRTUAL_KEY_HEADER_PREFIX)]
-    ok = external_auth_pb2.OkHttpResponse(headers_to_remove=removed)
-    return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=code_pb2.OK), ok_response=ok
-    )
+    return wire.ok_check_response([], removed, [])
 
 
-def envoy_allow_unverified(
-    key_id: str, client_headers: Iterable[str]
-) -> external_auth_pb2.CheckResponse:
+def envoy_allow_unverified(key_id: str, client_headers: Iterable[str]) -> bytes:
     """Fail-open while Redis is down: the claimed key id passes, marked as unverified."""
     upstream = [("x-virtual-key-id", key_id), (UNVERIFIED_HEADER, "true")]
-    ok = external_auth_pb2.OkHttpResponse(
-        headers=_options(upstream),
-        headers_to_remove=_strip_client_identity(client_headers, (k for k, _ in upstream)),
-    )
-    return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=code_pb2.OK), ok_response=ok
+    return wire.ok_check_response(
+        upstream, _strip_client_identity(client_headers, (k for k, _ in upstream)), []
     )
 
 

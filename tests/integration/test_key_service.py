@@ -209,3 +209,13 @@ def test_grpcurl_lists_our_services(server: Server) -> None:
         "keys.v1.UsageService",
         "grpc.health.v1.Health",
     } <= services
+
+
+def test_public_path_check_needs_no_key_and_strips_forged_identity(clients: Clients) -> None:
+    reply = clients.check(
+        {"x-virtual-key-id": "forged", "authorization": "Bearer whatever"},
+        path="/healthz?probe=1",
+    )
+    assert reply.status.code == 0 and reply.HasField("ok_response")
+    assert list(reply.ok_response.headers_to_remove) == ["x-virtual-key-id"]
+    assert not reply.ok_response.headers
