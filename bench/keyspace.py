@@ -4,7 +4,7 @@ The template is a key made by the server's own CreateKey and then checked once, 
 clone carries exactly the fields (and the post-Check window counters) that the server
 writes, whatever the record layout is today. Each clone gets its own id, its own 64-hex
 digest, its own user (ten keys per user) and the same index entries CreateKey adds
-(keys.store's INDEX_ALL and user indexes). Clones cannot pass a Check (their digests
+(keys.keyspace's INDEX_ALL and user indexes). Clones cannot pass a Check (their digests
 match no secret); they are there to fill the keyspace and to be weighed.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from keys.store import INDEX_ALL, index_key, record_key
+from keys.keyspace import INDEX_ALL, index_key, record_key
 
 KEYS_PER_USER = 10
 BATCH = 25_000

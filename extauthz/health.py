@@ -29,12 +29,15 @@ class RedisWatch:
         servicer: HealthServicer,
         metrics: Metrics,
         interval_s: float = 1.0,
+        address: str = "",
     ) -> None:
         self.store = store
         self.servicer = servicer
         self.metrics = metrics
         self.interval_s = interval_s
+        self.address = address  # for the log line; no password (connection.redacted)
         self.redis_ok = False
+        self._probed = False
         self.stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -59,11 +62,14 @@ class RedisWatch:
             except StoreUnavailable:
                 ok = False
         self.metrics.redis_up.set(1 if ok else 0)
-        if ok != self.redis_ok:
+        if ok != self.redis_ok or not self._probed:
+            # once per change, and once at start whichever it is
             log.log(
                 logging.INFO if ok else logging.WARNING,
-                "redis reachable" if ok else "redis unreachable",
+                "redis reachable" if ok else "redis unreachable; retrying every second",
+                extra={"redis": self.address},
             )
+        self._probed = True
         self.redis_ok = ok
         await self._publish()
 

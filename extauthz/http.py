@@ -126,9 +126,9 @@ class HttpEndpoint:
             return auth_answer(outcome)
         return 404, text, b"not found\n"
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
         return await asyncio.start_server(
-            self.handle, host, port, limit=MAX_HEAD_BYTES, reuse_port=True
+            self.handle, host, port, limit=MAX_HEAD_BYTES, reuse_port=reuse_port
         )
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -24,12 +24,13 @@ from extauthz.http import HttpEndpoint
 from extauthz.logs import configure
 from extauthz.metrics import Metrics
 from extauthz.replay import replay_forever
-from extauthz.settings import Settings, SettingsError
+from extauthz.settings import Settings, SettingsError, help_table
 from extauthz.usage import UsageService
 from extauthz.workers import run_workers
-from keys import store as key_store
+from keys.connection import RedisBridge, redacted
 from keys.journal import JournalBusy, UsageJournal
 from keys.pricing import PriceTable
+from keys.store import KeyStore
 from keys.v1 import keys_pb2, keys_pb2_grpc
 
 log = logging.getLogger("extauthz")
@@ -49,20 +50,20 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 async def serve(settings: Settings) -> None:
     prices = PriceTable.load(settings.prices_path) if settings.prices_path else PriceTable.builtin()
-    redis = key_store.connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
-    pipelined = key_store.connect_pipelined(settings.redis_url, timeout_s=settings.redis_timeout_s)
-    store = key_store.KeyStore(
+    redis = RedisBridge.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    store = KeyStore(
         redis,
         dedup_ttl_s=settings.usage_dedup_ttl_s,
         usage_retention_days=settings.usage_retention_days,
-        pipelined=pipelined,
     )
     metrics = Metrics(per_key=settings.metrics_per_key)
     decider = Decider(
         store, metrics, prices, public_paths=settings.public_paths, fail_open=settings.fail_open
     )
 
-    server = grpc.aio.server()
+    # gRPC sets SO_REUSEPORT by default, which lets a stray second server on the same
+    # port take half the traffic; only --workers (EXTAUTHZ_REUSE_PORT) shares a port.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)])
     AuthorizationServicer(decider).add_to_server(server)
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(store, settings), server)
     journal = (
@@ -87,21 +88,32 @@ async def serve(settings: Settings) -> None:
     )
     address = f"{settings.bind}:{settings.grpc_port}"
     credentials = _credentials(settings)
-    if credentials is None:
-        grpc_port = server.add_insecure_port(address)
-    else:
-        grpc_port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            grpc_port = server.add_insecure_port(address)
+        else:
+            grpc_port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        raise PortInUse(f"gRPC port {address} is in use (EXTAUTHZ_GRPC_PORT)") from None
 
-    watch = RedisWatch(store, health_servicer, metrics)
+    watch = RedisWatch(store, health_servicer, metrics, address=redacted(settings.redis_url))
     await watch.start()
     replayer = (
         asyncio.create_task(replay_forever(journal, store, watch, metrics), name="replay")
         if journal is not None
         else None
     )
-    http = await HttpEndpoint(metrics, lambda: watch.ready, decider).start(
-        settings.bind, settings.http_port
-    )
+    try:
+        http = await HttpEndpoint(metrics, lambda: watch.ready, decider).start(
+            settings.bind, settings.http_port, reuse_port=settings.reuse_port
+        )
+    except OSError as exc:
+        await server.stop(0)
+        raise PortInUse(
+            f"HTTP port {settings.bind}:{settings.http_port} is in use (EXTAUTHZ_HTTP_PORT)"
+            if exc.errno == errno.EADDRINUSE
+            else f"HTTP port {settings.bind}:{settings.http_port}: {exc.strerror}"
+        ) from None
     await server.start()
     if not settings.admin_token:
         log.warning("EXTAUTHZ_ADMIN_TOKEN is not set: admin calls will be refused")
@@ -145,22 +157,27 @@ async def serve(settings: Settings) -> None:
     http.close()
     await http.wait_closed()
     await redis.aclose()
-    if pipelined is not None:
-        await pipelined.aclose()
     log.info("stopped")
+
+
+class PortInUse(RuntimeError):
+    """A port is taken (by a stray second server, say): a one-line error, exit 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="extauthz", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve_cmd = sub.add_parser(
-        "serve", help="run the gRPC and HTTP servers (settings from the environment)"
+        "serve",
+        help="run the gRPC and HTTP servers (settings from the environment)",
+        description="Settings come from these environment variables:\n\n" + help_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve_cmd.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("EXTAUTHZ_WORKERS", "1")),
-        help="server processes sharing the ports (EXTAUTHZ_WORKERS, default 1)",
+        default=None,
+        help="server processes sharing the ports (default: EXTAUTHZ_WORKERS, else 1)",
     )
     args = parser.parse_args(argv)
     try:
@@ -168,15 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"extauthz: {exc}", file=sys.stderr)
         return 2
-    if args.workers < 1:
+    workers = settings.workers if args.workers is None else args.workers
+    if workers < 1:
         print("extauthz: --workers must be at least 1", file=sys.stderr)
         return 2
-    if args.workers > 1 and "EXTAUTHZ_WORKER_INDEX" not in os.environ:
-        return run_workers(args.workers, settings.journal_dir)
+    if workers > 1:
+        return run_workers(workers, settings.journal_dir)
     configure(settings.log_level)
     try:
         uvloop.run(serve(settings))  # libuv's loop: measurably cheaper per call than asyncio's
-    except JournalBusy as exc:
+    except (JournalBusy, PortInUse) as exc:
         print(f"extauthz: {exc}", file=sys.stderr)
         return 2
     return 0

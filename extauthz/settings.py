@@ -1,11 +1,14 @@
-"""One Settings object from the environment; every name is SPEC.md's (or documented)."""
+"""Every setting the server reads, declared once: its environment variable, default,
+bounds and help, in the table `VARIABLES`. `Settings.from_env` reads that table, and
+`extauthz serve --help` prints it (docs/interface.md lists the same names)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import Any
 from urllib.parse import quote
 
 from keys import keygen
@@ -17,124 +20,247 @@ class SettingsError(ValueError):
     """A variable is set to something unusable; the message names it."""
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    grpc_port: int = 9191
-    http_port: int = 9192
-    bind: str = "0.0.0.0"
-    admin_token: str = ""
-    usage_token: str = ""
-    fail_open: bool = False
-    public_paths: frozenset[str] = frozenset({"/healthz", "/metrics"})
-    prices_path: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
-    redis_url: str = "redis://localhost:6379/0"
-    redis_timeout_s: float = 0.15
-    key_prefix: str = "sk-mp"
-    default_budget_nanos: int = usd_to_nanos("100.0")
-    default_tpm: int = 10_000
-    default_rpm: int = 60
-    max_expires_days: int = 365
-    usage_dedup_ttl_s: int = 172_800
-    usage_retention_days: int = 90
-    log_level: str = "INFO"
-    metrics_per_key: bool = True
-    drain_seconds: float = 5.0
-    journal_dir: str = ".extauthz/journal"
-    journal_max_bytes: int = 64 << 20
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
-        r = _Reader(env)
-        redis_url = env.get("REDIS_URL") or (
-            f"redis://{quote(env.get('REDIS_HOST', 'localhost'))}:"
-            f"{r.integer('REDIS_PORT', 6379, 1, 65535)}/{r.integer('REDIS_DB', 0, 0, 1 << 20)}"
-        )
-        prefix = env.get("VIRTUAL_KEY_PREFIX", "sk-mp")
-        try:
-            keygen.validate_prefix(prefix)
-        except ValueError as exc:
-            raise SettingsError(f"VIRTUAL_KEY_PREFIX: {exc}") from None
-        paths = env.get("EXTAUTHZ_PUBLIC_PATHS", "/healthz,/metrics")
-        tls_cert, tls_key = env.get("EXTAUTHZ_TLS_CERT", ""), env.get("EXTAUTHZ_TLS_KEY", "")
-        tls_client_ca = env.get("EXTAUTHZ_TLS_CLIENT_CA", "")
-        # Half a TLS setup must not quietly serve plaintext.
-        if bool(tls_cert) != bool(tls_key):
-            given, missing = (
-                ("EXTAUTHZ_TLS_CERT", "EXTAUTHZ_TLS_KEY")
-                if tls_cert
-                else ("EXTAUTHZ_TLS_KEY", "EXTAUTHZ_TLS_CERT")
-            )
-            raise SettingsError(f"{given} is set but {missing} is not: TLS needs both")
-        if tls_client_ca and not tls_cert:
-            raise SettingsError(
-                "EXTAUTHZ_TLS_CLIENT_CA is set but EXTAUTHZ_TLS_CERT and EXTAUTHZ_TLS_KEY are "
-                "not: mTLS needs the server's certificate and key too"
-            )
-        return cls(
-            grpc_port=r.integer("EXTAUTHZ_GRPC_PORT", 9191, 0, 65535),
-            http_port=r.integer("EXTAUTHZ_HTTP_PORT", 9192, 0, 65535),
-            bind=env.get("EXTAUTHZ_BIND", "0.0.0.0"),
-            admin_token=env.get("EXTAUTHZ_ADMIN_TOKEN", ""),
-            usage_token=env.get("EXTAUTHZ_USAGE_TOKEN", ""),
-            fail_open=r.boolean("EXTAUTHZ_FAIL_OPEN", False),
-            public_paths=frozenset(p.strip() for p in paths.split(",") if p.strip()),
-            prices_path=env.get("EXTAUTHZ_PRICES", ""),
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_client_ca=tls_client_ca,
-            redis_url=redis_url,
-            redis_timeout_s=r.integer("EXTAUTHZ_REDIS_TIMEOUT_MS", 150, 1, 60_000) / 1000,
-            key_prefix=prefix,
-            default_budget_nanos=r.usd("VIRTUAL_KEY_DEFAULT_BUDGET", "100.0"),
-            default_tpm=r.integer("VIRTUAL_KEY_DEFAULT_TPM", 10_000, 0, MAX_LIMIT),
-            default_rpm=r.integer("VIRTUAL_KEY_DEFAULT_RPM", 60, 0, MAX_LIMIT),
-            max_expires_days=r.integer("VIRTUAL_KEY_MAX_EXPIRES_DAYS", 365, 1, 36_500),
-            usage_dedup_ttl_s=r.integer("EXTAUTHZ_USAGE_DEDUP_SECONDS", 172_800, 60, 1 << 31),
-            usage_retention_days=r.integer("EXTAUTHZ_USAGE_RETENTION_DAYS", 90, 1, 3650),
-            log_level=env.get("EXTAUTHZ_LOG_LEVEL", "INFO").upper(),
-            metrics_per_key=r.boolean("EXTAUTHZ_METRICS_KEY_ID", True),
-            drain_seconds=r.integer("EXTAUTHZ_DRAIN_SECONDS", 5, 0, 300),
-            journal_dir=env.get("EXTAUTHZ_JOURNAL_DIR", ".extauthz/journal"),
-            journal_max_bytes=r.integer("EXTAUTHZ_JOURNAL_MAX_BYTES", 64 << 20, 0, 1 << 40),
-        )
+Parse = Callable[[str, str], Any]
+"""(variable name, raw text) -> value, raising SettingsError with the name."""
 
 
-class _Reader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
-        raw = self.env.get(name, "").strip()
-        if not raw:
-            return default
+def integer(low: int, high: int, scale: float = 1) -> Parse:
+    def parse(name: str, raw: str) -> Any:
         try:
             value = int(raw)
         except ValueError:
             raise SettingsError(f"{name}={raw!r}: expected a whole number") from None
         if not low <= value <= high:
             raise SettingsError(f"{name}={value}: expected {low}..{high}")
-        return value
+        return value * scale if scale != 1 else value
 
-    def boolean(self, name: str, default: bool) -> bool:
-        raw = self.env.get(name, "").strip().lower()
-        if not raw:
-            return default
-        if raw in {"1", "true", "yes", "on"}:
-            return True
-        if raw in {"0", "false", "no", "off"}:
-            return False
-        raise SettingsError(f"{name}={raw!r}: expected true or false")
+    return parse
 
-    def usd(self, name: str, default: str) -> int:
-        raw = self.env.get(name, "").strip() or default
-        try:
-            value = Decimal(raw)
-        except InvalidOperation:
-            raise SettingsError(f"{name}={raw!r}: expected an amount in USD") from None
-        if not value.is_finite() or not 0 <= value <= MAX_USD:
-            raise SettingsError(f"{name}={raw!r}: expected 0..{MAX_USD} USD")
-        return usd_to_nanos(value)
+
+def boolean(name: str, raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name}={raw!r}: expected true or false")
+
+
+def text(name: str, raw: str) -> str:
+    return raw
+
+
+def upper(name: str, raw: str) -> str:
+    return raw.upper()
+
+
+def usd(name: str, raw: str) -> int:
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise SettingsError(f"{name}={raw!r}: expected an amount in USD") from None
+    if not value.is_finite() or not 0 <= value <= MAX_USD:
+        raise SettingsError(f"{name}={raw!r}: expected 0..{MAX_USD} USD")
+    return usd_to_nanos(value)
+
+
+def paths(name: str, raw: str) -> frozenset[str]:
+    return frozenset(p.strip() for p in raw.split(",") if p.strip())
+
+
+def prefix(name: str, raw: str) -> str:
+    try:
+        keygen.validate_prefix(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    env: str
+    field: str  # the Settings attribute it fills
+    default: str  # as it would be written in the environment
+    parse: Parse
+    help: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("EXTAUTHZ_GRPC_PORT", "grpc_port", "9191", integer(0, 65535), "gRPC port"),
+    Variable("EXTAUTHZ_HTTP_PORT", "http_port", "9192", integer(0, 65535), "HTTP port"),
+    Variable("EXTAUTHZ_BIND", "bind", "0.0.0.0", text, "listen address for both ports"),
+    Variable(
+        "EXTAUTHZ_REUSE_PORT",
+        "reuse_port",
+        "false",
+        boolean,
+        "let other processes bind the same ports (set for --workers; a stray second "
+        "server otherwise fails with 'port in use')",
+    ),
+    Variable("EXTAUTHZ_WORKERS", "workers", "1", integer(1, 64), "server processes"),
+    Variable("EXTAUTHZ_ADMIN_TOKEN", "admin_token", "", text, "bearer token for admin calls"),
+    Variable("EXTAUTHZ_USAGE_TOKEN", "usage_token", "", text, "token for ReportUsage only"),
+    Variable(
+        "EXTAUTHZ_FAIL_OPEN", "fail_open", "false", boolean, "allow (marked) when Redis is down"
+    ),
+    Variable(
+        "EXTAUTHZ_PUBLIC_PATHS",
+        "public_paths",
+        "/healthz,/metrics",
+        paths,
+        "paths that need no key (GET and HEAD only)",
+    ),
+    Variable("EXTAUTHZ_PRICES", "prices_path", "", text, "YAML/JSON price table"),
+    Variable("EXTAUTHZ_TLS_CERT", "tls_cert", "", text, "gRPC TLS certificate (PEM)"),
+    Variable("EXTAUTHZ_TLS_KEY", "tls_key", "", text, "gRPC TLS private key (PEM)"),
+    Variable("EXTAUTHZ_TLS_CLIENT_CA", "tls_client_ca", "", text, "CA for mTLS client certs"),
+    Variable(
+        "EXTAUTHZ_REDIS_TIMEOUT_MS",
+        "redis_timeout_s",
+        "150",
+        integer(1, 60_000, scale=0.001),
+        "how long a Redis call may take",
+    ),
+    Variable("VIRTUAL_KEY_PREFIX", "key_prefix", "sk-mp", prefix, "prefix of new keys"),
+    Variable(
+        "VIRTUAL_KEY_DEFAULT_BUDGET",
+        "default_budget_nanos",
+        "100.0",
+        usd,
+        "USD budget of keys created without max_budget",
+    ),
+    Variable(
+        "VIRTUAL_KEY_DEFAULT_TPM", "default_tpm", "10000", integer(0, MAX_LIMIT), "default TPM"
+    ),
+    Variable("VIRTUAL_KEY_DEFAULT_RPM", "default_rpm", "60", integer(0, MAX_LIMIT), "default RPM"),
+    Variable(
+        "VIRTUAL_KEY_MAX_EXPIRES_DAYS",
+        "max_expires_days",
+        "365",
+        integer(1, 36_500),
+        "longest (and default) key lifetime, days",
+    ),
+    Variable(
+        "EXTAUTHZ_USAGE_DEDUP_SECONDS",
+        "usage_dedup_ttl_s",
+        "172800",
+        integer(60, 1 << 31),
+        "how long a charged request id is remembered",
+    ),
+    Variable(
+        "EXTAUTHZ_USAGE_RETENTION_DAYS",
+        "usage_retention_days",
+        "90",
+        integer(1, 3650),
+        "days of daily usage rollups kept in Redis",
+    ),
+    Variable("EXTAUTHZ_LOG_LEVEL", "log_level", "INFO", upper, "DEBUG, INFO, WARNING, ERROR"),
+    Variable("EXTAUTHZ_METRICS_KEY_ID", "metrics_per_key", "true", boolean, "key_id metric labels"),
+    Variable(
+        "EXTAUTHZ_DRAIN_SECONDS",
+        "drain_seconds",
+        "5",
+        integer(0, 300),
+        "seconds to keep answering after SIGTERM",
+    ),
+    Variable(
+        "EXTAUTHZ_JOURNAL_DIR",
+        "journal_dir",
+        ".extauthz/journal",
+        text,
+        "where usage reports wait while Redis is down ('' turns it off)",
+    ),
+    Variable(
+        "EXTAUTHZ_JOURNAL_MAX_BYTES",
+        "journal_max_bytes",
+        str(64 << 20),
+        integer(0, 1 << 40),
+        "bound on the journal's size",
+    ),
+)
+
+REDIS_VARIABLES = (
+    ("REDIS_URL", "redis://, rediss://, redis+cluster://; else built from the three below"),
+    ("REDIS_HOST", "Redis host (default localhost)"),
+    ("REDIS_PORT", "Redis port (default 6379)"),
+    ("REDIS_DB", "Redis database number (default 0)"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    grpc_port: int
+    http_port: int
+    bind: str
+    reuse_port: bool
+    workers: int
+    admin_token: str
+    usage_token: str
+    fail_open: bool
+    public_paths: frozenset[str]
+    prices_path: str
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+    redis_timeout_s: float
+    key_prefix: str
+    default_budget_nanos: int
+    default_tpm: int
+    default_rpm: int
+    max_expires_days: int
+    usage_dedup_ttl_s: int
+    usage_retention_days: int
+    log_level: str
+    metrics_per_key: bool
+    drain_seconds: int
+    journal_dir: str
+    journal_max_bytes: int
+    redis_url: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for var in VARIABLES:
+            raw = env.get(var.env, "").strip()
+            values[var.field] = var.parse(var.env, raw or var.default)
+        settings = cls(**values, redis_url=redis_url_from(env))
+        settings.check_tls()
+        return settings
+
+    def check_tls(self) -> None:
+        """Half a TLS setup must not quietly serve plaintext."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = (
+                ("EXTAUTHZ_TLS_CERT", "EXTAUTHZ_TLS_KEY")
+                if self.tls_cert
+                else ("EXTAUTHZ_TLS_KEY", "EXTAUTHZ_TLS_CERT")
+            )
+            raise SettingsError(f"{given} is set but {missing} is not: TLS needs both")
+        if self.tls_client_ca and not self.tls_cert:
+            raise SettingsError(
+                "EXTAUTHZ_TLS_CLIENT_CA is set but EXTAUTHZ_TLS_CERT and EXTAUTHZ_TLS_KEY are "
+                "not: mTLS needs the server's certificate and key too"
+            )
+
+
+def redis_url_from(env: Mapping[str, str]) -> str:
+    """REDIS_URL, else the integration guide's REDIS_HOST / REDIS_PORT / REDIS_DB."""
+    url = env.get("REDIS_URL", "").strip()
+    if url:
+        return url
+    host = env.get("REDIS_HOST", "").strip() or "localhost"
+    port = integer(1, 65535)("REDIS_PORT", env.get("REDIS_PORT", "").strip() or "6379")
+    db = integer(0, 1 << 20)("REDIS_DB", env.get("REDIS_DB", "").strip() or "0")
+    return f"redis://{quote(host)}:{port}/{db}"
+
+
+def help_table() -> str:
+    """The variables, their defaults and meaning, for `extauthz serve --help`."""
+    rows = [(v.env, v.default or "(none)", v.help) for v in VARIABLES]
+    rows += [(name, "", meaning) for name, meaning in REDIS_VARIABLES]
+    width = max(len(name) for name, _, _ in rows)
+    return "\n".join(
+        f"  {name:<{width}}  {meaning}" + (f" (default {default})" if default else "")
+        for name, default, meaning in rows
+    )

@@ -23,7 +23,12 @@ def run_workers(count: int, journal_dir: str) -> int:
     children: list[subprocess.Popen[bytes]] = []
     for index in range(count):
         # EXTAUTHZ_WORKERS=1: a worker serves; it must not start workers of its own
-        env = dict(os.environ, EXTAUTHZ_WORKER_INDEX=str(index), EXTAUTHZ_WORKERS="1")
+        env = dict(
+            os.environ,
+            EXTAUTHZ_WORKER_INDEX=str(index),
+            EXTAUTHZ_WORKERS="1",
+            EXTAUTHZ_REUSE_PORT="true",  # the workers share the ports on purpose
+        )
         if journal_dir:
             env["EXTAUTHZ_JOURNAL_DIR"] = str(Path(journal_dir) / f"worker-{index}")
         children.append(

@@ -53,6 +53,13 @@ NO_BODY = RequestedModel(BodyModel.NO_BODY)
 UNREADABLE = RequestedModel(BodyModel.UNREADABLE)
 
 
+class LimitHit(StrEnum):
+    """Which limit denied a request (on a rate-limit denial)."""
+
+    RPM = "rpm"
+    TPM = "tpm"
+
+
 @dataclass(frozen=True, slots=True)
 class WindowCount:
     """One rate limit's state in the current window; limit 0 means unlimited."""
@@ -63,7 +70,13 @@ class WindowCount:
 
     @property
     def remaining(self) -> int | None:
+        """None when unlimited; never negative."""
         return None if self.limit == 0 else max(self.limit - self.used, 0)
+
+    @property
+    def reset_s(self) -> int:
+        """Whole seconds until the window closes, rounded up (0 when none is open)."""
+        return -(-self.reset_ms // 1000)
 
 
 UNLIMITED = WindowCount(0, 0, 0)
@@ -77,17 +90,21 @@ class Decision:
     team_id: str = ""
     rpm: WindowCount = UNLIMITED
     tpm: WindowCount = UNLIMITED
-    limit_hit: str = ""  # "rpm" or "tpm" on a rate-limit denial
+    limit_hit: LimitHit | None = None  # on a rate-limit denial
 
     @property
     def allowed(self) -> bool:
         return self.reason is Reason.OK
 
     @property
+    def denying_window(self) -> WindowCount:
+        """The window that denied the request (a rate-limit denial)."""
+        return self.rpm if self.limit_hit is LimitHit.RPM else self.tpm
+
+    @property
     def retry_after_s(self) -> int:
         """Whole seconds until the window that denied the request closes (at least 1)."""
-        window = self.rpm if self.limit_hit == "rpm" else self.tpm
-        return max(1, -(-window.reset_ms // 1000))
+        return max(1, self.denying_window.reset_s)
 
 
 @dataclass(frozen=True, slots=True)

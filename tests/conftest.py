@@ -14,7 +14,8 @@ import pytest
 
 from devstack import processes as p
 from devstack.mock_upstream import MockUpstream
-from keys.store import KeyStore, connect, connect_pipelined
+from keys.connection import RedisBridge
+from keys.store import KeyStore
 from tests.helpers import Clients
 
 # Known defaults, so tests can assert what CreateKey fills in.
@@ -150,9 +151,6 @@ async def store(
 ) -> AsyncIterator[KeyStore]:
     """The store over both of its Redis paths: redis-py for everything, or the pipelined
     connection for the Check and ReportUsage scripts (what the server uses)."""
-    redis = connect(redis_url, timeout_s=2)
-    pipelined = connect_pipelined(redis_url, timeout_s=2) if request.param == "pipelined" else None
-    yield KeyStore(redis, clock=clock, pipelined=pipelined)
+    redis = RedisBridge.from_url(redis_url, timeout_s=2, transport=request.param)
+    yield KeyStore(redis, clock=clock)
     await redis.aclose()
-    if pipelined is not None:
-        await pipelined.aclose()

@@ -15,6 +15,10 @@ local function roll_budget(key, now, reset_at, period, next_month)
   return true
 end
 
+-- What a missing digest is compared against: 64 hex characters, like a real one, that
+-- no SHA-256 of a key equals (the key's text is never empty).
+local NO_DIGEST = string.rep('0', 64)
+
 -- Constant time: every byte is compared whatever the first difference.
 local function same_digest(a, b)
   if not a or not b or #a ~= #b or #a == 0 then return false end

@@ -37,7 +37,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from keys.store import INDEX_ALL
+from keys.keyspace import INDEX_ALL
 from keys.v1 import keys_pb2
 from tests.conftest import Server
 from tests.helpers import Clients, bearer, chat_body, check_request

@@ -13,10 +13,11 @@ import pytest
 
 from devstack.processes import RedisServer
 from keys import keygen
+from keys.connection import RedisBridge
 from keys.errors import StoreUnavailable
 from keys.model import KeySpec, RequestedModel
 from keys.resp import PipelinedRedis, Script
-from keys.store import KeyStore, connect
+from keys.store import KeyStore
 
 pytestmark = pytest.mark.integration
 ECHO = Script("return ARGV[1]")
@@ -45,8 +46,8 @@ async def test_script_flushed_from_redis_is_sent_again(redis_url: str) -> None:
 
 
 async def test_unreachable_redis_is_store_unavailable() -> None:
-    redis = connect("redis://127.0.0.1:1/0", timeout_s=0.2)
-    store = KeyStore(redis, pipelined=PipelinedRedis("redis://127.0.0.1:1/0", timeout_s=0.2))
+    redis = RedisBridge.from_url("redis://127.0.0.1:1/0", timeout_s=0.2)
+    store = KeyStore(redis)
     key = keygen.parse_key("sk-mp-0000000000000000-" + "a" * 43)
     assert key is not None
     with pytest.raises(StoreUnavailable):
@@ -85,9 +86,8 @@ async def test_a_timed_out_call_drops_the_connection_and_later_calls_get_their_o
 
 async def test_database_number_from_the_url_is_selected(redis_url: str) -> None:
     base = redis_url.rsplit("/", 1)[0]
-    pipe = PipelinedRedis(f"{base}/5", timeout_s=2)
-    redis = connect(f"{base}/5", timeout_s=2)
-    store = KeyStore(redis, pipelined=pipe)
+    redis = RedisBridge.from_url(f"{base}/5", timeout_s=2)
+    store = KeyStore(redis)
     full, _ = await store.create(
         KeySpec("k", "u", "", 1_900_000_000_000_000, ("*",), 0, 0, 0), "sk-mp"
     )
@@ -95,4 +95,3 @@ async def test_database_number_from_the_url_is_selected(redis_url: str) -> None:
     assert key is not None
     assert (await store.check(key, RequestedModel.named("gpt-4"))).allowed
     await redis.aclose()
-    await pipe.aclose()

@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 
 from keys import keygen
+from keys.connection import RedisBridge
 from keys.errors import NotFound, StoreUnavailable
+from keys.keyspace import record_key
 from keys.model import NO_BODY, UNREADABLE, KeySpec, Reason, RequestedModel, UsageReport
-from keys.store import KeyStore, connect, record_key
+from keys.store import KeyStore
 from tests.conftest import ManualClock
 from tests.helpers import key_spec
 
@@ -38,7 +40,7 @@ GPT4 = RequestedModel.named("gpt-4")
 
 async def test_created_key_is_stored_as_a_digest_only(store: KeyStore) -> None:
     full, key = await store.create(spec(), "sk-mp")
-    fields: dict[str, str] = await store.redis.hgetall(record_key(key.id))  # type: ignore[assignment]
+    fields: dict[str, str] = await store.redis.client.hgetall(record_key(key.id))  # type: ignore[assignment]
     assert full not in fields.values()
     assert full.rsplit("-", 1)[1] not in "".join(fields.values())
     assert fields["hash"] == keygen.digest(full)
@@ -191,9 +193,9 @@ async def test_usage_rollup_is_written_per_day_and_model(store: KeyStore) -> Non
     key = await new_key(store)
     await store.report_usage(UsageReport(key.key_id, "a", "gpt-4", "p", 10, 5, 15, 700))
     await store.report_usage(UsageReport(key.key_id, "b", "gpt-4", "p", 1, 2, 3, 300))
-    rollups = [k async for k in store.redis.scan_iter(f"vk:{{{key.key_id}}}:usage:*")]
+    rollups = [k async for k in store.redis.client.scan_iter(f"vk:{{{key.key_id}}}:usage:*")]
     assert len(rollups) == 1
-    day = await store.redis.hgetall(rollups[0])
+    day = await store.redis.client.hgetall(rollups[0])
     assert day == {
         "requests:gpt-4": "2",
         "prompt_tokens:gpt-4": "11",
@@ -203,7 +205,7 @@ async def test_usage_rollup_is_written_per_day_and_model(store: KeyStore) -> Non
 
 
 async def test_unreachable_redis_raises_store_unavailable() -> None:
-    redis = connect("redis://127.0.0.1:1/0", timeout_s=0.2)
+    redis = RedisBridge.from_url("redis://127.0.0.1:1/0", timeout_s=0.2)
     store = KeyStore(redis)
     key = keygen.parse_key("sk-mp-0000000000000000-" + "a" * 43)
     assert key is not None

@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
-from keys import keygen
+from keys import keygen, scripts
 from keys.budget import parse_duration
 from keys.errors import InvalidArgument, NotFound
+from keys.keyspace import record_key
 from keys.model import KeyUpdate, Reason, RequestedModel, Status, UsageReport
-from keys.store import KeyStore, Page, record_key
+from keys.store import KeyStore, Page
 from tests.conftest import ManualClock
 from tests.helpers import key_spec
 
@@ -272,12 +273,12 @@ async def test_team_usage_sums_its_keys_including_deleted_ones(store: KeyStore) 
 
 async def test_create_script_rerun_recognises_its_own_key(store: KeyStore) -> None:
     full, key = await store.create(key_spec(), "sk-mp")
-    fields: dict[str, str] = await store.redis.hgetall(record_key(key.id))  # type: ignore[assignment]
+    fields: dict[str, str] = await store.redis.client.hgetall(record_key(key.id))  # type: ignore[assignment]
     args = [item for pair in fields.items() for item in pair]
-    assert await store._create(keys=[record_key(key.id)], args=args) == 1
+    assert await store.redis.scripts.run(scripts.CREATE, [record_key(key.id)], args) == 1
     other = dict(fields, hash=keygen.digest(full + "x"))
     other_args = [item for pair in other.items() for item in pair]
-    assert await store._create(keys=[record_key(key.id)], args=other_args) == 0
+    assert await store.redis.scripts.run(scripts.CREATE, [record_key(key.id)], other_args) == 0
 
 
 async def test_rotate_script_rerun_keeps_the_old_secrets_grace(
@@ -285,7 +286,8 @@ async def test_rotate_script_rerun_keeps_the_old_secrets_grace(
 ) -> None:
     _, key = await create(store)
     new_digest = keygen.digest(f"sk-mp-{key.key_id}-" + "N" * 43)
-    args = [new_digest, clock.now_ms + 60_000]
-    assert await store._rotate(keys=[record_key(key.key_id)], args=args) == 1
-    assert await store._rotate(keys=[record_key(key.key_id)], args=args) == 1  # the retry
+    args: list[str | int] = [new_digest, clock.now_ms + 60_000]
+    record = [record_key(key.key_id)]
+    assert await store.redis.scripts.run(scripts.ROTATE, record, args) == 1
+    assert await store.redis.scripts.run(scripts.ROTATE, record, args) == 1  # the retry
     assert (await store.check(key, GPT4)).allowed  # old secret, still in its grace

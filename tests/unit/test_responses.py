@@ -5,7 +5,7 @@ import json
 import pytest
 
 from extauthz import responses
-from keys.model import Decision, Reason, RequestedModel, WindowCount
+from keys.model import Decision, LimitHit, Reason, RequestedModel, WindowCount
 
 pytestmark = pytest.mark.unit
 
@@ -33,7 +33,7 @@ def test_rate_limit_denial_says_which_limit_and_when_to_retry() -> None:
         Reason.RATE_LIMIT_EXCEEDED,
         rpm=WindowCount(5, 5, 0),
         tpm=WindowCount(100, 100, 12_300),
-        limit_hit="tpm",
+        limit_hit=LimitHit.TPM,
     )
     status, hdrs, body = responses.denial_parts(decision)
     error = json.loads(body)["error"]

@@ -1,0 +1,194 @@
+"""Every Redis key name and field layout the store uses, in one place.
+
+A key's state sits under one hash tag, `vk:{<id>}`, so each operation on one key touches
+one Redis Cluster slot and runs as one Lua script. Indexes (admin paths only) sit under
+their own tag, `{vkidx}`. The Lua scripts in keys/lua/ read the same field names; this
+module is the Python side of that contract (docs/design.md draws the whole layout).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from datetime import UTC, date, datetime
+from typing import Final
+
+from keys import keygen
+from keys.budget import current_reset_ms, first_reset_ms
+from keys.errors import InvalidArgument
+from keys.model import ALL_MODELS, KeySpec, KeyUpdate, VirtualKey
+
+# --- key names -----------------------------------------------------------------------
+
+
+def record_key(key_id: str) -> str:
+    """The key's record: one hash with every field below."""
+    return f"vk:{{{key_id}}}"
+
+
+def request_marker_key(key_id: str, request_id: str) -> str:
+    """Set once a request id has been charged (idempotent ReportUsage)."""
+    return f"vk:{{{key_id}}}:req:{request_id}"
+
+
+def usage_day_key(key_id: str, day: date) -> str:
+    """The key's rollup for one UTC day: `<metric>:<model>` -> integer."""
+    return f"vk:{{{key_id}}}:usage:{day.strftime('%Y%m%d')}"
+
+
+def utc_day(now_ms: int) -> date:
+    return datetime.fromtimestamp(now_ms / 1000, tz=UTC).date()
+
+
+# Live indexes list existing keys (ListKeys); history indexes keep every key a user or
+# team ever had, so their usage totals survive DeleteKey.
+INDEX_ALL: Final = "{vkidx}:all"
+
+
+def index_key(kind: str, value: str) -> str:
+    """kind: user, team (live keys) or user-hist, team-hist (every key ever)."""
+    return f"{{vkidx}}:{kind}:{value}"
+
+
+def live_indexes(user_id: str, team_id: str) -> list[str]:
+    """The indexes that list a live key (removed again by DeleteKey)."""
+    return [INDEX_ALL, index_key("user", user_id)] + (
+        [index_key("team", team_id)] if team_id else []
+    )
+
+
+def history_indexes(user_id: str, team_id: str) -> list[str]:
+    return [index_key("user-hist", user_id)] + (
+        [index_key("team-hist", team_id)] if team_id else []
+    )
+
+
+# --- the record's fields -------------------------------------------------------------
+
+
+def encode_models(models: tuple[str, ...]) -> str:
+    """`*`, or the names framed by newlines so the check script can match exactly."""
+    if not models or ALL_MODELS in models:
+        return ALL_MODELS
+    return "\n" + "\n".join(models) + "\n"
+
+
+def decode_models(stored: str) -> tuple[str, ...]:
+    if stored == ALL_MODELS:
+        return (ALL_MODELS,)
+    return tuple(m for m in stored.split("\n") if m)
+
+
+def _metadata(values: Mapping[str, str]) -> str:
+    return json.dumps(dict(values), separators=(",", ":"))
+
+
+def new_record(spec: KeySpec, digest: str, now_ms: int) -> dict[str, str | int]:
+    """Every field of a new key. `hash` comes first: keys/lua/create.lua reads ARGV[2]."""
+    return {
+        "hash": digest,
+        "name": spec.name,
+        "user_id": spec.user_id,
+        "team_id": spec.team_id,
+        "created_at": now_ms,
+        "expires_at": spec.expires_at_ms,
+        "status": "active",
+        "models": encode_models(spec.allowed_models),
+        "max_budget": spec.max_budget_nanos,
+        "spent": 0,
+        "rpm_limit": spec.rpm_limit,
+        "tpm_limit": spec.tpm_limit,
+        "metadata": _metadata(spec.metadata),
+        "last_used": 0,
+        "total_requests": 0,
+        "win_start": 0,
+        "win_requests": 0,
+        "win_tokens": 0,
+        "budget_duration": spec.budget.duration,
+        "budget_period_ms": spec.budget.period_ms,
+        "budget_reset_at": first_reset_ms(spec.budget, now_ms),
+        "prev_hash": "",
+        "prev_hash_until": 0,
+    }
+
+
+def changed_fields(change: KeyUpdate, now_ms: int) -> dict[str, str | int]:
+    """The fields an UpdateKey rewrites; only what `change` names."""
+    fields: dict[str, str | int] = {}
+    if change.name is not None:
+        fields["name"] = change.name
+    if change.allowed_models is not None:
+        fields["models"] = encode_models(change.allowed_models)
+    if change.max_budget_nanos is not None:
+        fields["max_budget"] = change.max_budget_nanos
+    if change.tpm_limit is not None:
+        fields["tpm_limit"] = change.tpm_limit
+    if change.rpm_limit is not None:
+        fields["rpm_limit"] = change.rpm_limit
+    if change.expires_at_ms is not None:
+        fields["expires_at"] = change.expires_at_ms
+    if change.metadata is not None:
+        fields["metadata"] = _metadata(change.metadata)
+    if change.budget is not None:
+        fields["budget_duration"] = change.budget.duration
+        fields["budget_period_ms"] = change.budget.period_ms
+        fields["budget_reset_at"] = first_reset_ms(change.budget, now_ms)
+    return fields
+
+
+REVOKED_FIELDS: Final[Mapping[str, str | int]] = {"status": "revoked"}
+
+
+def flatten(fields: Mapping[str, str | int]) -> list[str | int]:
+    """field, value, field, value, ... as HSET and the scripts take them."""
+    return [item for pair in fields.items() for item in pair]
+
+
+def to_virtual_key(key_id: str, f: Mapping[str, str], now_ms: int) -> VirtualKey:
+    """The record as of `now_ms`: a budget period that has ended reads as reset, as the
+    next script call will make it."""
+    reset_at = int(f.get("budget_reset_at") or 0)
+    rolled = reset_at != 0 and now_ms >= reset_at
+    return VirtualKey(
+        id=key_id,
+        name=f.get("name", ""),
+        user_id=f.get("user_id", ""),
+        team_id=f.get("team_id", ""),
+        created_at_ms=int(f.get("created_at", 0)),
+        expires_at_ms=int(f.get("expires_at", 0)),
+        revoked=f.get("status") == "revoked",
+        allowed_models=decode_models(f.get("models", ALL_MODELS)),
+        max_budget_nanos=int(f.get("max_budget", 0)),
+        spent_nanos=0 if rolled else int(f.get("spent", 0)),
+        tpm_limit=int(f.get("tpm_limit", 0)),
+        rpm_limit=int(f.get("rpm_limit", 0)),
+        metadata=json.loads(f.get("metadata", "{}")),
+        last_used_ms=int(f.get("last_used", 0)),
+        total_requests=int(f.get("total_requests", 0)),
+        window_start_ms=int(f.get("win_start", 0)),
+        window_requests=int(f.get("win_requests", 0)),
+        window_tokens=int(f.get("win_tokens", 0)),
+        budget_duration=f.get("budget_duration", ""),
+        budget_reset_at_ms=current_reset_ms(reset_at, int(f.get("budget_period_ms") or 0), now_ms),
+    )
+
+
+# --- ListKeys cursors ----------------------------------------------------------------
+
+
+def encode_cursor(score: int, key_id: str) -> str:
+    """A (created_at, id) position in an index, opaque to callers."""
+    return base64.urlsafe_b64encode(f"{score}:{key_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        score, key_id = raw.split(":", 1)
+        if not keygen.is_key_id(key_id):
+            raise ValueError(key_id)
+        return int(score), key_id
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise InvalidArgument("page_token is not one this server issued") from None
