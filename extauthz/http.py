@@ -15,7 +15,7 @@ from typing import Final
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from extauthz import responses
-from extauthz.check import Decider, Outcome, Verdict
+from extauthz.decision import Decider, Outcome, Verdict
 from extauthz.metrics import Metrics
 from extauthz.request import model_from_headers
 
@@ -121,7 +121,10 @@ class HttpEndpoint:
         if path == "/auth":
             original = headers.get("x-original-uri") or headers.get("x-original-url") or "/"
             outcome = await self.decider.decide(
-                original, headers, lambda: model_from_headers(headers)
+                original,
+                headers,
+                lambda: model_from_headers(headers),
+                method=headers.get("x-original-method", "GET"),
             )
             return auth_answer(outcome)
         return 404, text, b"not found\n"

@@ -18,7 +18,8 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from extauthz.admin import KeyService
-from extauthz.check import AuthorizationServicer, Decider
+from extauthz.check import AuthorizationServicer
+from extauthz.decision import Decider
 from extauthz.health import HealthServicer, RedisWatch
 from extauthz.http import HttpEndpoint
 from extauthz.logs import configure

@@ -34,11 +34,12 @@ def _load(name: str, *, with_lib: bool = False) -> Script:
 
 
 CHECK: Final = _load("check", with_lib=True)
+AUTHENTICATE: Final = _load("authenticate", with_lib=True)
 REPORT_USAGE: Final = _load("report_usage", with_lib=True)
 CREATE: Final = _load("create")
 UPDATE: Final = _load("update")
 ROTATE: Final = _load("rotate")
-ALL: Final = (CHECK, REPORT_USAGE, CREATE, UPDATE, ROTATE)
+ALL: Final = (CHECK, AUTHENTICATE, REPORT_USAGE, CREATE, UPDATE, ROTATE)
 
 
 # --- check.lua -----------------------------------------------------------------------
@@ -82,6 +83,11 @@ def decode_check(reply: Any) -> CheckReply:
         tokens=int(reply[6]),
         reset_ms=int(reply[7]),
     )
+
+
+def decode_authenticate(reply: Any) -> CheckCode:
+    """authenticate.lua answers with check.lua's first four codes."""
+    return CheckCode(int(reply[0]))
 
 
 # --- report_usage.lua ----------------------------------------------------------------

@@ -120,6 +120,14 @@ class KeyStore:
             )
         return Decision(reason, key.key_id)
 
+    async def authenticate(self, key: ParsedKey) -> Reason:
+        """The key's own steps of a Check (secret, status, expiry), counting nothing: what
+        a request must pass before its body is worth parsing."""
+        reply = await self._run(
+            scripts.AUTHENTICATE, [keyspace.record_key(key.key_id)], [key.digest, self.clock()]
+        )
+        return _REASONS[scripts.decode_authenticate(reply)]
+
     async def report_usage(self, report: UsageReport) -> ReportResult:
         now = self.clock()
         keys = [

@@ -1,0 +1,153 @@
+"""The Check decision, free of any protocol: Envoy's Check and nginx's /auth both ask
+`Decider.decide` and render its `Outcome` (extauthz/responses.py).
+
+Cost order: a request is refused as cheaply as possible. A missing or malformed key
+never reaches Redis; a request whose body is large asks Redis about the key first
+(`KeyStore.authenticate`) and reads the body only for a key Redis accepted, so a made-up
+key with a megabyte of JSON costs one small script, not a parse.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final, TypeVar
+
+from extauthz.metrics import Metrics
+from extauthz.request import presented_key
+from keys.errors import StoreUnavailable
+from keys.model import BodyModel, Decision, Reason, RequestedModel
+from keys.pricing import PriceTable
+from keys.store import KeyStore
+
+log = logging.getLogger("extauthz.decision")
+T = TypeVar("T")
+
+LARGE_BODY_BYTES: Final = 64 * 1024
+"""Bodies above this are parsed only after Redis has accepted the key."""
+
+
+class Verdict(Enum):
+    PUBLIC = "public"
+    ALLOW = "allow"
+    DENY = "deny"
+    UNVERIFIED = "unverified"  # fail-open while Redis is unreachable
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    verdict: Verdict
+    decision: Decision
+    model: RequestedModel | None = None
+
+
+PUBLIC: Final = Outcome(Verdict.PUBLIC, Decision(Reason.OK))
+NO_KEY: Final = Outcome(Verdict.DENY, Decision(Reason.INVALID_API_KEY))
+PUBLIC_METHODS: Final = frozenset({"GET", "HEAD"})
+
+
+class Decider:
+    def __init__(
+        self,
+        store: KeyStore,
+        metrics: Metrics,
+        prices: PriceTable,
+        *,
+        public_paths: frozenset[str],
+        fail_open: bool,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.prices = prices
+        self.public_paths = public_paths
+        self.fail_open = fail_open
+
+    def is_public(self, path: str, method: str) -> bool:
+        """A public path, asked for with GET or HEAD (any other method needs a key)."""
+        return path.partition("?")[0] in self.public_paths and method.upper() in PUBLIC_METHODS
+
+    async def decide(
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        model_of: Callable[[], RequestedModel],
+        *,
+        method: str = "GET",
+        body_bytes: int = 0,
+    ) -> Outcome:
+        """`model_of` reads the model (Envoy: from the body; nginx: from x-model); it
+        runs only once a well-formed key makes it worth the work, and for a body over
+        LARGE_BODY_BYTES only once Redis has accepted the key."""
+        started = time.perf_counter()
+        outcome = await self._decide(path, headers, model_of, method, body_bytes)
+        self._observe(outcome, time.perf_counter() - started)
+        return outcome
+
+    async def _decide(
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        model_of: Callable[[], RequestedModel],
+        method: str,
+        body_bytes: int,
+    ) -> Outcome:
+        if self.is_public(path, method):
+            return PUBLIC
+        key = presented_key(headers)
+        if key is None:
+            return NO_KEY
+        model: RequestedModel | None = None
+        try:
+            if body_bytes > LARGE_BODY_BYTES:
+                reason = await self._timed("authenticate", self.store.authenticate(key))
+                if reason is not Reason.OK:
+                    return Outcome(Verdict.DENY, Decision(reason, key.key_id))
+            model = model_of()
+            decision = await self._timed("check", self.store.check(key, model))
+        except StoreUnavailable:
+            self.metrics.redis_errors.labels("check").inc()
+            if self.fail_open:
+                return Outcome(Verdict.UNVERIFIED, Decision(Reason.OK, key.key_id), model)
+            return Outcome(Verdict.DENY, Decision(Reason.AUTH_UNAVAILABLE, key.key_id), model)
+        verdict = Verdict.ALLOW if decision.allowed else Verdict.DENY
+        return Outcome(verdict, decision, model)
+
+    async def _timed(self, op: str, call: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await call
+        finally:
+            seconds = time.perf_counter() - started
+            if op == "check":
+                self.metrics.redis_check_latency.observe(seconds)
+            else:
+                self.metrics.redis_latency.labels(op).observe(seconds)
+
+    def _observe(self, outcome: Outcome, seconds: float) -> None:
+        decision = outcome.decision
+        label = outcome.verdict.value if decision.allowed else decision.reason.value
+        self.metrics.observe_check(label, seconds)
+        if outcome.verdict is Verdict.ALLOW:
+            self.metrics.count_request(decision.key_id, self._model_label(outcome))
+            log.debug("allowed", extra={"key_id": decision.key_id})
+        elif outcome.verdict is Verdict.DENY:
+            self.metrics.validation_failures.labels(decision.reason.value).inc()
+            log.info(
+                "denied",
+                extra={
+                    "key_id": decision.key_id or None,
+                    "reason": decision.reason.value,
+                    "limit": decision.limit_hit,
+                },
+            )
+        elif outcome.verdict is Verdict.UNVERIFIED:
+            log.warning("allowed unverified (fail-open)", extra={"key_id": decision.key_id})
+
+    def _model_label(self, outcome: Outcome) -> str:
+        model = outcome.model
+        if model is None or model.kind is not BodyModel.NAMED:
+            return "none" if model is None or model.kind is BodyModel.NO_BODY else "unknown"
+        return self.prices.label(model.name)
