@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    attack_bench,
     check_bench,
     envoy_bench,
     keyspace_bench,
@@ -97,6 +98,12 @@ def run(root: Path, started: float, only: set[str]) -> list[Row]:
         if "6" in only:
             _step("6: 1 vs 2 workers", started)
             rows += workers_bench.measure(stack, redis.url)
+        if "7" in only:
+            _step("7: legitimate traffic under a made-up-key body flood", started)
+            rows += attack_bench.measure_attack(stack, ours, key)
+        if "8" in only:
+            _step("8: unknown id vs wrong secret", started)
+            rows += attack_bench.measure_timing(redis.url, key)
         _step("done", started)
         return rows
     finally:
@@ -106,7 +113,7 @@ def run(root: Path, started: float, only: set[str]) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "--only", default="1,2,3,4,5,6", help="comma-separated rows to run (default: all)"
+        "--only", default="1,2,3,4,5,6,7,8", help="comma-separated rows to run (default: all)"
     )
     only = set(parser.parse_args(argv).only.split(","))
     try:
