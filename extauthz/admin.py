@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import logging
 
-import grpc
-
 from extauthz import convert
-from extauthz.access import Context, readable_key, require_admin, scoped
+from extauthz.access import (
+    Context,
+    listable_user,
+    owner_of_new_key,
+    readable_key,
+    require_admin,
+    scoped,
+)
 from extauthz.auth import metadata_value
 from extauthz.errors import rpc_errors
 from extauthz.settings import Settings
 from keys import validation
-from keys.budget import parse_duration
 from keys.errors import InvalidArgument
 from keys.keygen import parse_key
-from keys.model import KeySpec, KeyUpdate, Reason, Status
+from keys.model import Reason, Status, VirtualKey
 from keys.store import KeyStore
 from keys.v1 import keys_pb2, keys_pb2_grpc
 
 log = logging.getLogger("extauthz.admin")
-DAY_MS = 86_400_000
 
 
 def _status(value: str) -> Status | None:
@@ -37,12 +40,11 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         self.store = store
         self.settings = settings
 
-    async def _changeable(self, context: Context, raw_id: str) -> str:
-        """The id of an existing key the admin caller may change (x-user-id scoped)."""
+    async def _changeable(self, context: Context, raw_id: str) -> VirtualKey:
+        """An existing key the admin caller may change (x-user-id scoped)."""
         user = await require_admin(context, self.settings)
         key_id = validation.key_id("id", raw_id)
-        scoped(await self.store.get(key_id), user)
-        return key_id
+        return scoped(await self.store.get(key_id), user)
 
     def _audit(self, context: Context, action: str, key_id: str, **fields: object) -> None:
         """Who (the admin token's holder, from this peer, acting for x-user-id if sent),
@@ -64,36 +66,10 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         self, request: keys_pb2.CreateKeyRequest, context: Context
     ) -> keys_pb2.CreateKeyResponse:
         user = await require_admin(context, self.settings)
-        s = self.settings
-        user_id = request.user_id or (user or "")
-        if user is not None and user_id != user:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, "user_id must equal the x-user-id of the call"
-            )
+        owner = await owner_of_new_key(context, user, request.user_id)
         now = self.store.clock()
-        days = validation.expires_days(
-            request.expires_days if request.HasField("expires_days") else None,
-            s.max_expires_days,
-        )
-        spec = KeySpec(
-            name=validation.text("name", request.name, required=True, max_chars=256),
-            user_id=validation.text("user_id", user_id, required=True, max_chars=128),
-            team_id=validation.text("team_id", request.team_id, required=False, max_chars=128),
-            expires_at_ms=now + days * DAY_MS,
-            allowed_models=validation.models(request.allowed_models),
-            max_budget_nanos=validation.budget("max_budget", request.max_budget)
-            if request.HasField("max_budget")
-            else s.default_budget_nanos,
-            tpm_limit=validation.limit("tpm_limit", request.tpm_limit)
-            if request.HasField("tpm_limit")
-            else s.default_tpm,
-            rpm_limit=validation.limit("rpm_limit", request.rpm_limit)
-            if request.HasField("rpm_limit")
-            else s.default_rpm,
-            metadata=validation.metadata(request.metadata),
-            budget=parse_duration(request.budget_duration),
-        )
-        full_key, key = await self.store.create(spec, s.key_prefix)
+        spec = convert.key_spec(request, self.settings, now, owner)
+        full_key, key = await self.store.create(spec, self.settings.key_prefix)
         self._audit(context, "key created", key.id, user_id=key.user_id)
         return keys_pb2.CreateKeyResponse(key=full_key, key_data=convert.key_data(key, now))
 
@@ -108,10 +84,11 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         self, request: keys_pb2.ListKeysRequest, context: Context
     ) -> keys_pb2.ListKeysResponse:
         user = await require_admin(context, self.settings)
-        if user is not None and request.user_id and request.user_id != user:
+        user_id = listable_user(user, request.user_id)
+        if user_id is None:
             return keys_pb2.ListKeysResponse()  # another user's keys: none visible
         page = await self.store.list_keys(
-            user_id=user if user is not None else request.user_id,
+            user_id=user_id,
             team_id=request.team_id,
             status=_status(request.status),
             page_size=validation.page_size(request.page_size),
@@ -126,34 +103,11 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
     async def UpdateKey(
         self, request: keys_pb2.UpdateKeyRequest, context: Context
     ) -> keys_pb2.KeyData:
-        key_id = await self._changeable(context, request.id)
+        current = await self._changeable(context, request.id)
+        key_id = current.id
         now = self.store.clock()
-        has = request.HasField
-        change = KeyUpdate(
-            name=validation.text("name", request.name, required=True, max_chars=256)
-            if has("name")
-            else None,
-            allowed_models=validation.models(request.allowed_models.models)
-            if has("allowed_models")
-            else None,
-            max_budget_nanos=validation.budget("max_budget", request.max_budget)
-            if has("max_budget")
-            else None,
-            tpm_limit=validation.limit("tpm_limit", request.tpm_limit)
-            if has("tpm_limit")
-            else None,
-            rpm_limit=validation.limit("rpm_limit", request.rpm_limit)
-            if has("rpm_limit")
-            else None,
-            expires_at_ms=now
-            + validation.expires_days(request.expires_days, self.settings.max_expires_days) * DAY_MS
-            if has("expires_days")
-            else None,
-            metadata=validation.metadata(request.metadata.entries) if has("metadata") else None,
-            budget=parse_duration(request.budget_duration) if has("budget_duration") else None,
-        )
+        change, changed = convert.key_update(request, self.settings, now, current.metadata)
         key = await self.store.update(key_id, change)
-        changed = [f.name for f, _ in request.ListFields() if f.name != "id"]
         self._audit(context, "key updated", key_id, fields=changed)
         return convert.key_data(key, now)
 
@@ -161,7 +115,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
     async def RevokeKey(
         self, request: keys_pb2.RevokeKeyRequest, context: Context
     ) -> keys_pb2.KeyData:
-        key_id = await self._changeable(context, request.id)
+        key_id = (await self._changeable(context, request.id)).id
         key = await self.store.revoke(key_id)
         self._audit(context, "key revoked", key_id)
         return convert.key_data(key, self.store.clock())
@@ -170,7 +124,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
     async def RotateKey(
         self, request: keys_pb2.RotateKeyRequest, context: Context
     ) -> keys_pb2.CreateKeyResponse:
-        key_id = await self._changeable(context, request.id)
+        key_id = (await self._changeable(context, request.id)).id
         grace = validation.grace_seconds(request.grace_seconds)
         full_key, key = await self.store.rotate(key_id, self.settings.key_prefix, grace * 1000)
         self._audit(context, "key rotated", key_id, grace_seconds=grace)
@@ -182,7 +136,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
     async def DeleteKey(
         self, request: keys_pb2.DeleteKeyRequest, context: Context
     ) -> keys_pb2.DeleteKeyResponse:
-        key_id = await self._changeable(context, request.id)
+        key_id = (await self._changeable(context, request.id)).id
         await self.store.delete(key_id)
         self._audit(context, "key deleted", key_id)
         return keys_pb2.DeleteKeyResponse(id=key_id)

@@ -1,12 +1,27 @@
-"""Domain values -> keys.v1 protobuf messages."""
+"""keys.v1 messages <-> domain values, both ways: the one place that knows both shapes.
+
+Requests become `validation.KeyFields` (typed proto fields, or the JSON object of a REST
+PATCH), so every field is checked by one rule in `keys.validation`.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from keys.model import UsageSummary, VirtualKey, WindowCount
+from extauthz.settings import Settings
+from keys import validation
+from keys.budget import NO_PERIOD
+from keys.errors import InvalidArgument
+from keys.model import ALL_MODELS, KeySpec, KeyUpdate, UsageSummary, VirtualKey, WindowCount
 from keys.money import nanos_to_usd
 from keys.v1 import keys_pb2
+from keys.validation import CHANGEABLE_FIELDS, KeyFields
 
 
 def _timestamp(ms: int) -> Timestamp | None:
@@ -78,3 +93,191 @@ def usage(summary: UsageSummary) -> keys_pb2.GetUsageResponse:
         end_date=summary.end_date,
         key_ids=list(summary.key_ids),
     )
+
+
+# --- requests -> domain ------------------------------------------------------------------
+
+
+def key_spec(
+    request: keys_pb2.CreateKeyRequest, settings: Settings, now_ms: int, user_id: str
+) -> KeySpec:
+    """CreateKey: the fields sent, checked, and the environment's defaults for the rest."""
+    has = request.HasField
+    sent = KeyFields(
+        name=request.name,
+        allowed_models=list(request.allowed_models),
+        max_budget=request.max_budget if has("max_budget") else None,
+        tpm_limit=request.tpm_limit if has("tpm_limit") else None,
+        rpm_limit=request.rpm_limit if has("rpm_limit") else None,
+        expires_days=request.expires_days if has("expires_days") else settings.max_expires_days,
+        metadata=dict(request.metadata),
+        budget_duration=request.budget_duration,
+    )
+    c = validation.key_changes(sent, max_expires_days=settings.max_expires_days, now_ms=now_ms)
+    assert c.name is not None and c.expires_at_ms is not None  # sent above, so checked
+    return KeySpec(
+        name=c.name,
+        user_id=validation.text(
+            "user_id", user_id, required=True, max_chars=validation.MAX_ID_CHARS
+        ),
+        team_id=validation.text(
+            "team_id", request.team_id, required=False, max_chars=validation.MAX_ID_CHARS
+        ),
+        expires_at_ms=c.expires_at_ms,
+        allowed_models=c.allowed_models or (ALL_MODELS,),
+        max_budget_nanos=settings.default_budget_nanos
+        if c.max_budget_nanos is None
+        else c.max_budget_nanos,
+        tpm_limit=settings.default_tpm if c.tpm_limit is None else c.tpm_limit,
+        rpm_limit=settings.default_rpm if c.rpm_limit is None else c.rpm_limit,
+        metadata=c.metadata or {},
+        budget=c.budget or NO_PERIOD,
+    )
+
+
+def key_update(
+    request: keys_pb2.UpdateKeyRequest,
+    settings: Settings,
+    now_ms: int,
+    metadata: Mapping[str, str],
+) -> tuple[KeyUpdate, list[str]]:
+    """UpdateKey: the checked changes and the names of the fields they touch (for the audit
+    line). The typed fields (gRPC) or `patch` (the REST body), never both; `metadata` is
+    the key's current map, which a patch merges into."""
+    typed = [f.name for f, _ in request.ListFields() if f.name not in ("id", "patch")]
+    if request.patch.fields:  # Envoy sends an empty patch for an empty body
+        if typed:
+            raise InvalidArgument(
+                f"send changes either in patch or as fields, not both (fields: {', '.join(typed)})"
+            )
+        sent = key_fields_from_json(json_format.MessageToDict(request.patch), metadata)
+    else:
+        sent = _typed_fields(request)
+    change = validation.key_changes(sent, max_expires_days=settings.max_expires_days, now_ms=now_ms)
+    return change, sent.sent()
+
+
+def _typed_fields(request: keys_pb2.UpdateKeyRequest) -> KeyFields:
+    has = request.HasField
+    return KeyFields(
+        name=request.name if has("name") else None,
+        allowed_models=list(request.allowed_models.models) if has("allowed_models") else None,
+        max_budget=request.max_budget if has("max_budget") else None,
+        tpm_limit=request.tpm_limit if has("tpm_limit") else None,
+        rpm_limit=request.rpm_limit if has("rpm_limit") else None,
+        expires_days=request.expires_days if has("expires_days") else None,
+        metadata=dict(request.metadata.entries) if has("metadata") else None,
+        budget_duration=request.budget_duration if has("budget_duration") else None,
+    )
+
+
+# A key's other fields, as GetKey shows them: sending one back is a clear error, not a no-op.
+READ_ONLY_FIELDS = tuple(
+    f.name for f in keys_pb2.KeyData.DESCRIPTOR.fields if f.name not in CHANGEABLE_FIELDS
+)
+_HINTS = {
+    "expires_at": "send expires_days",
+    "status": "revoke with POST /api/keys/{id}/revoke",
+}
+_MAX_NAMED = 10
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+# proto3 JSON accepts lowerCamelCase names too (CreateKey does), so the patch does as well.
+_NAMES = {alias: n for n in CHANGEABLE_FIELDS + READ_ONLY_FIELDS for alias in (n, _camel(n))}
+
+
+def _quoted(names: list[str]) -> str:
+    """Names the client sent, bounded, so an error never echoes unbounded input."""
+    shown = ", ".join(json.dumps(n[:64]) for n in names[:_MAX_NAMED])
+    more = len(names) - _MAX_NAMED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def key_fields_from_json(
+    body: Mapping[str, object], metadata: Mapping[str, str] | None = None
+) -> KeyFields:
+    """A REST PATCH body: the JSON shapes CreateKey takes and GetKey returns, strictly.
+    Unknown fields and fields that cannot change are errors that name them. `metadata`
+    merges into the key's current map (RFC 7396: an entry set to null is removed), so
+    nothing is erased that the body does not name."""
+    unknown = sorted(k for k in body if k not in _NAMES)
+    if unknown:
+        raise InvalidArgument(
+            f"unknown fields: {_quoted(unknown)}; "
+            f"fields that can change: {', '.join(CHANGEABLE_FIELDS)}"
+        )
+    fields: dict[str, object] = {}
+    for alias, value in body.items():
+        name = _NAMES[alias]
+        if name in fields:
+            raise InvalidArgument(f"{name} is sent twice")
+        fields[name] = value
+    fixed = [n for n in fields if n in READ_ONLY_FIELDS]
+    if fixed:
+        hints = [f"{n}: {_HINTS[n]}" for n in fixed if n in _HINTS]
+        raise InvalidArgument(
+            f"fields that cannot be changed: {', '.join(fixed)}"
+            + (f" ({'; '.join(hints)})" if hints else "")
+        )
+    parsed = {n: _JSON_TYPES[n](n, v) for n, v in fields.items()}
+    if "metadata" in parsed:
+        merged = dict(metadata or {})
+        for k, v in parsed["metadata"].items():
+            if v is None:
+                merged.pop(k, None)
+            else:
+                merged[k] = v
+        parsed["metadata"] = merged
+    return KeyFields(**parsed)
+
+
+def _string(field: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{field} must be a string")
+    return value
+
+
+def _strings(field: str, value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f'{field} must be a list of strings, like ["gpt-4"]')
+    return value
+
+
+def _number(field: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{field} must be a number")
+    return float(value)
+
+
+def _whole(field: str, value: object) -> int:
+    number = _number(field, value)
+    if not math.isfinite(number) or not number.is_integer():
+        raise InvalidArgument(f"{field} must be a whole number")
+    return int(number)
+
+
+def _metadata_patch(field: str, value: object) -> dict[str, str | None]:
+    if not isinstance(value, dict) or not all(
+        v is None or isinstance(v, str) for v in value.values()
+    ):
+        raise InvalidArgument(
+            f'{field} must be an object of strings (null removes an entry), like {{"env": "prod"}}'
+        )
+    return {str(k): v for k, v in value.items()}
+
+
+_JSON_TYPES: dict[str, Callable[[str, object], Any]] = {
+    "name": _string,
+    "allowed_models": _strings,
+    "max_budget": _number,
+    "tpm_limit": _whole,
+    "rpm_limit": _whole,
+    "expires_days": _whole,
+    "metadata": _metadata_patch,
+    "budget_duration": _string,
+}

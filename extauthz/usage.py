@@ -8,8 +8,7 @@ import time
 import grpc
 
 from extauthz import convert
-from extauthz.access import readable_key, require_admin, user_scope
-from extauthz.auth import bearer, role_of
+from extauthz.access import readable_key, require_admin, require_reporter, scoped, usage_key_ids
 from extauthz.errors import rpc_errors
 from extauthz.metrics import Metrics
 from extauthz.settings import Settings
@@ -74,16 +73,14 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
     async def ReportUsage(
         self, request: keys_pb2.ReportUsageRequest, context: Context
     ) -> keys_pb2.ReportUsageResponse:
-        if role_of(bearer(context), self.settings.admin_token, self.settings.usage_token) is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin or usage token required")
+        user = await require_reporter(context, self.settings)
         try:
             report = self.report_from(request)
         except InvalidArgument:
             self.metrics.usage_reports.labels("invalid").inc()
             raise
-        user = user_scope(context)
-        if user is not None and (await self.store.get(report.key_id)).user_id != user:
-            raise NotFound(f"key {report.key_id} not found")
+        if user is not None:
+            scoped(await self.store.get(report.key_id), user)
         started = time.perf_counter()
         try:
             result = await self.store.report_usage(report)
@@ -134,13 +131,7 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
             await readable_key(context, self.settings, self.store, key_id)
             return convert.usage(await self.store.usage([key_id], days))
         user = await require_admin(context, self.settings)
-        if request.user_id:
-            if user is not None and request.user_id != user:
-                raise NotFound("no such user among your keys")
-            key_ids = await self.store.key_ids_of(user_id=request.user_id)
-        else:
-            key_ids = await self.store.key_ids_of(team_id=request.team_id)
-            if user is not None:  # a user sees only their own part of a team
-                own = set(await self.store.key_ids_of(user_id=user))
-                key_ids = [k for k in key_ids if k in own]
+        key_ids = await usage_key_ids(
+            self.store, user, user_id=request.user_id, team_id=request.team_id
+        )
         return convert.usage(await self.store.usage(key_ids, days))

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 
+from keys.budget import parse_duration
 from keys.errors import InvalidArgument
 from keys.keygen import is_key_id
-from keys.model import ALL_MODELS
+from keys.model import ALL_MODELS, KeyUpdate
 from keys.money import MAX_USD, usd_to_nanos
 
 MAX_NAME_CHARS = 256
@@ -23,6 +25,7 @@ MAX_METADATA_VALUE_CHARS = 1024
 MAX_REQUEST_ID_CHARS = 256
 MAX_LIMIT = 2**31 - 1
 MAX_TOKENS = 10**12
+DAY_MS = 86_400_000
 
 
 def _printable(value: str) -> bool:
@@ -127,3 +130,44 @@ def days(value: int, maximum: int, default: int = 30) -> int:
             f"days must be from 1 to {maximum} (EXTAUTHZ_USAGE_RETENTION_DAYS); 0 means {default}"
         )
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFields:
+    """A key's changeable fields as a caller sent them, whatever the wire shape; None: not
+    sent. CreateKey and UpdateKey (typed or JSON) both end here, so a field is checked by
+    the same rule wherever it came from."""
+
+    name: str | None = None
+    allowed_models: Sequence[str] | None = None
+    max_budget: float | None = None
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+    expires_days: int | None = None
+    metadata: Mapping[str, str] | None = None
+    budget_duration: str | None = None
+
+    def sent(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+
+CHANGEABLE_FIELDS = tuple(f.name for f in fields(KeyFields))
+
+
+def key_changes(sent: KeyFields, *, max_expires_days: int, now_ms: int) -> KeyUpdate:
+    """The checked domain values of the fields sent; the others stay None."""
+    days = sent.expires_days
+    return KeyUpdate(
+        name=None
+        if sent.name is None
+        else text("name", sent.name, required=True, max_chars=MAX_NAME_CHARS),
+        allowed_models=None if sent.allowed_models is None else models(sent.allowed_models),
+        max_budget_nanos=None if sent.max_budget is None else budget("max_budget", sent.max_budget),
+        tpm_limit=None if sent.tpm_limit is None else limit("tpm_limit", sent.tpm_limit),
+        rpm_limit=None if sent.rpm_limit is None else limit("rpm_limit", sent.rpm_limit),
+        expires_at_ms=None
+        if days is None
+        else now_ms + expires_days(days, max_expires_days) * DAY_MS,
+        metadata=None if sent.metadata is None else metadata(sent.metadata),
+        budget=None if sent.budget_duration is None else parse_duration(sent.budget_duration),
+    )

@@ -142,7 +142,9 @@ def test_missing_or_wrong_admin_token_is_401_with_json_and_never_reaches_upstrea
     assert reply.headers["content-type"] == "application/json"
     error = reply.json()
     assert error["code"] == 16  # UNAUTHENTICATED
-    assert error["message"]
+    says = "admin token missing" if token is None else "admin token is wrong"
+    assert error["message"].startswith(says)
+    assert "wrong-token" not in error["message"]
     assert len(upstream.seen) == before
 
 
@@ -157,10 +159,66 @@ def test_invalid_body_is_400(envoy: Envoy, server: Server, change: dict[str, Any
     assert reply.json()["code"] == 3  # INVALID_ARGUMENT
 
 
-def test_malformed_json_is_400(envoy: Envoy, server: Server) -> None:
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+def test_malformed_json_is_400_in_the_apis_json_error_shape(
+    envoy: Envoy, server: Server, method: str
+) -> None:
+    key_id = create(envoy, server)["key_data"]["id"]
+    path = "/api/keys" if method == "POST" else f"/api/keys/{key_id}"
     headers = {"authorization": f"Bearer {server.admin_token}", "content-type": "application/json"}
-    reply = fetch(envoy.port, "POST", "/api/keys", headers, b'{"name": ')
+    reply = fetch(envoy.port, method, path, headers, b'{"name": ')
     assert reply.status == 400
+    assert reply.headers["content-type"] == "application/json"
+    error = reply.json()
+    assert error["code"] == 3  # INVALID_ARGUMENT, as extauthz's own 400s say
+    assert "Unexpected end of string" in error["message"]
+
+
+def test_llm_route_denials_keep_their_openai_shape(envoy: Envoy) -> None:
+    reply = fetch(envoy.port, "POST", "/v1/chat/completions", {"x-api-key": "nope"}, b'{"model": ')
+    assert reply.status == 401
+    assert reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def patch(envoy: Envoy, server: Server, key_id: str, body: Any) -> HttpReply:
+    return api(envoy, "PATCH", f"/api/keys/{key_id}", server.admin_token, body)
+
+
+def test_patch_with_an_unknown_field_is_400_naming_it_and_changes_nothing(
+    envoy: Envoy, server: Server
+) -> None:
+    data = create(envoy, server)["key_data"]
+    reply = patch(envoy, server, data["id"], {"rpm_limitt": 7})
+    assert reply.status == 400
+    assert reply.json()["code"] == 3 and "rpm_limitt" in reply.json()["message"]
+    assert api(envoy, "GET", f"/api/keys/{data['id']}", server.admin_token).json() == data
+
+
+@pytest.mark.parametrize("field", ["team_id", "user_id", "spent", "id", "created_at"])
+def test_patch_of_a_field_that_cannot_change_is_400_naming_it(
+    envoy: Envoy, server: Server, field: str
+) -> None:
+    data = create(envoy, server)["key_data"]
+    reply = patch(envoy, server, data["id"], {field: data[field], "rpm_limit": 7})
+    assert reply.status == 400
+    assert f"cannot be changed: {field}" in reply.json()["message"]
+    assert api(envoy, "GET", f"/api/keys/{data['id']}", server.admin_token).json() == data
+
+
+def test_patch_takes_allowed_models_as_create_key_does(envoy: Envoy, server: Server) -> None:
+    data = create(envoy, server)["key_data"]
+    reply = patch(envoy, server, data["id"], {"allowed_models": ["gpt-4"]})
+    assert reply.status == 200, reply.body
+    assert reply.json()["allowed_models"] == ["gpt-4"]
+
+
+def test_patch_metadata_in_get_key_shape_adds_without_erasing(envoy: Envoy, server: Server) -> None:
+    data = create(envoy, server, metadata={"team": "search"})["key_data"]
+    reply = patch(envoy, server, data["id"], {"metadata": {"env": "prod"}})
+    assert reply.status == 200, reply.body
+    assert reply.json()["metadata"] == {"team": "search", "env": "prod"}
+    removed = patch(envoy, server, data["id"], {"metadata": {"team": None}})
+    assert removed.json()["metadata"] == {"env": "prod"}
 
 
 def test_patch_changes_only_rpm_limit(envoy: Envoy, server: Server) -> None:
@@ -210,22 +268,37 @@ def test_unknown_admin_api_path_is_404_and_never_reaches_upstream(
     before = len(upstream.seen)
     reply = api(envoy, "GET", "/api/keys/0123456789abcdef/nothing", server.admin_token)
     assert reply.status == 404
+    assert reply.json()["code"] == 5
     assert len(upstream.seen) == before
 
 
-def test_other_api_paths_belong_to_the_upstream_behind_ext_authz(
+@pytest.mark.parametrize("path", ["/api/nothing", "/api/tags", "/api", "/api/budgets/user/u1"])
+def test_other_api_paths_are_404_json_and_never_reach_the_upstream(
+    envoy: Envoy, clients: Clients, upstream: MockUpstream, path: str
+) -> None:
+    key, _ = clients.create_key()
+    before = len(upstream.seen)
+    for headers in ({}, {"authorization": f"Bearer {key}"}):
+        reply = fetch(envoy.port, "GET", path, headers)
+        assert reply.status == 404
+        assert reply.headers["content-type"] == "application/json"
+        assert reply.json()["code"] == 5  # NOT_FOUND, the API's own error shape
+    assert len(upstream.seen) == before
+
+
+def test_a_path_that_only_starts_with_api_is_the_upstreams(
     envoy: Envoy, clients: Clients, upstream: MockUpstream
 ) -> None:
     key, _ = clients.create_key()
-    assert fetch(envoy.port, "GET", "/api/tags").status == 401  # ext_authz: no key
-    reply = fetch(envoy.port, "GET", "/api/tags", {"authorization": f"Bearer {key}"})
-    assert reply.status == 200 and upstream.seen[-1].path == "/api/tags"
+    reply = fetch(envoy.port, "GET", "/apis", {"authorization": f"Bearer {key}"})
+    assert reply.status == 200 and upstream.seen[-1].path == "/apis"
 
 
 def test_unknown_query_parameter_is_400(envoy: Envoy, server: Server) -> None:
     key_id = create(envoy, server)["key_data"]["id"]
     reply = api(envoy, "GET", f"/api/keys/{key_id}/usage?dayz=30", server.admin_token)
     assert reply.status == 400
+    assert reply.json()["code"] == 3 and "dayz" in reply.json()["message"]
 
 
 def test_rendered_config_finds_the_descriptor_from_any_directory(tmp_path: Path) -> None:

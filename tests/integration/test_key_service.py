@@ -93,6 +93,41 @@ def test_admin_calls_need_the_admin_token(clients: Clients, token: str | None) -
     assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
+@pytest.mark.parametrize(
+    ("metadata", "says"),
+    [
+        ((), "admin token missing"),
+        ((("authorization", "Basic abc"),), "admin token missing"),
+        (bearer("wrong-admin-token"), "admin token is wrong"),
+    ],
+    ids=["no-header", "not-bearer", "wrong"],
+)
+def test_admin_refusal_says_whether_the_token_is_missing_or_wrong(
+    clients: Clients, metadata: tuple[tuple[str, str], ...], says: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        clients.keys.CreateKey(keys_pb2.CreateKeyRequest(name="x", user_id="u"), metadata=metadata)
+    assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    details = err.value.details() or ""
+    assert details.startswith(says)
+    assert "wrong-admin-token" not in details and "abc" not in details
+
+
+@pytest.mark.parametrize(
+    ("metadata", "says"),
+    [((), "admin or usage token missing"), (bearer("nope"), "admin or usage token is wrong")],
+    ids=["missing", "wrong"],
+)
+def test_report_usage_refusal_says_whether_the_token_is_missing_or_wrong(
+    clients: Clients, metadata: tuple[tuple[str, str], ...], says: str
+) -> None:
+    request = keys_pb2.ReportUsageRequest(key_id="0123456789abcdef", request_id="r", model="m")
+    with pytest.raises(grpc.RpcError) as err:
+        clients.usage.ReportUsage(request, metadata=metadata)
+    assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert (err.value.details() or "").startswith(says)
+
+
 def test_usage_token_cannot_create_keys(clients: Clients) -> None:
     with pytest.raises(grpc.RpcError) as err:
         clients.keys.CreateKey(
@@ -159,7 +194,8 @@ def test_validate_key_names_the_problem(clients: Clients) -> None:
     revoked = clients.keys.ValidateKey(keys_pb2.ValidateKeyRequest(key=key))
     assert (revoked.valid, revoked.error) == (False, "key_revoked")
     assert not revoked.HasField("key_data")  # a revoked key learns no more than that
-    tampered = clients.keys.ValidateKey(keys_pb2.ValidateKeyRequest(key=key[:-1] + "Q"))
+    other = "R" if key.endswith("Q") else "Q"  # a different last character, always
+    tampered = clients.keys.ValidateKey(keys_pb2.ValidateKeyRequest(key=key[:-1] + other))
     assert (tampered.valid, tampered.error) == (False, "invalid_api_key")
     assert not tampered.HasField("key_data")
 

@@ -1,0 +1,127 @@
+"""Requests -> domain values: the REST PATCH body and the one validation path that CreateKey
+and UpdateKey share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from google.protobuf.struct_pb2 import Struct
+
+from extauthz import convert
+from extauthz.settings import Settings
+from keys.errors import InvalidArgument
+from keys.v1 import keys_pb2
+
+pytestmark = pytest.mark.unit
+
+SETTINGS = Settings.from_env({"VIRTUAL_KEY_MAX_EXPIRES_DAYS": "90"})
+NOW = 1_800_000_000_000
+
+
+def patch(body: dict[str, Any], metadata: dict[str, str] | None = None) -> Any:
+    return convert.key_fields_from_json(body, metadata)
+
+
+def test_patch_takes_the_shapes_create_key_takes() -> None:
+    sent = patch({"allowed_models": ["gpt-4"], "rpm_limit": 7, "max_budget": 2.5, "name": "n"})
+    assert sent.allowed_models == ["gpt-4"] and sent.rpm_limit == 7
+    assert sent.max_budget == 2.5 and sent.name == "n"
+    assert sent.sent() == ["name", "allowed_models", "max_budget", "rpm_limit"]
+
+
+def test_patch_takes_lower_camel_case_names_as_proto_json_does() -> None:
+    assert patch({"rpmLimit": 7}).rpm_limit == 7
+
+
+def test_patch_with_an_unknown_field_names_it() -> None:
+    with pytest.raises(InvalidArgument, match='unknown fields: "rpm_limitt"'):
+        patch({"rpm_limitt": 7, "name": "n"})
+
+
+@pytest.mark.parametrize("field", ["id", "user_id", "team_id", "spent", "created_at", "status"])
+def test_patch_of_a_field_that_cannot_change_names_it(field: str) -> None:
+    with pytest.raises(InvalidArgument, match=f"fields that cannot be changed: {field}"):
+        patch({field: "x", "rpm_limit": 7})
+
+
+def test_patch_error_never_echoes_unbounded_names() -> None:
+    names = {"x" * 10_000 + str(i): 1 for i in range(50)}
+    with pytest.raises(InvalidArgument) as err:
+        patch(names)
+    assert len(str(err.value)) < 1500 and "and 40 more" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"allowed_models": {"models": ["gpt-4"]}}, "allowed_models must be a list of strings"),
+        ({"rpm_limit": 7.5}, "rpm_limit must be a whole number"),
+        ({"rpm_limit": True}, "rpm_limit must be a number"),
+        ({"max_budget": "5"}, "max_budget must be a number"),
+        ({"name": None}, "name must be a string"),
+        ({"metadata": {"env": 1}}, "metadata must be an object of strings"),
+    ],
+)
+def test_patch_value_of_the_wrong_json_type_is_refused(body: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        patch(body)
+
+
+def test_patch_metadata_merges_and_null_removes_an_entry() -> None:
+    sent = patch({"metadata": {"env": "prod", "old": None}}, {"team": "a", "old": "x"})
+    assert sent.metadata == {"team": "a", "env": "prod"}
+
+
+def update_request(**typed: Any) -> keys_pb2.UpdateKeyRequest:
+    return keys_pb2.UpdateKeyRequest(id="0123456789abcdef", **typed)
+
+
+def test_update_from_patch_leaves_unsent_fields_alone() -> None:
+    body = Struct()
+    body.update({"rpm_limit": 7})
+    change, changed = convert.key_update(update_request(patch=body), SETTINGS, NOW, {"a": "b"})
+    assert change.rpm_limit == 7 and changed == ["rpm_limit"]
+    assert change.metadata is None and change.allowed_models is None and change.name is None
+
+
+def test_update_with_patch_and_typed_fields_together_is_refused() -> None:
+    body = Struct()
+    body.update({"rpm_limit": 7})
+    with pytest.raises(InvalidArgument, match="not both"):
+        convert.key_update(update_request(patch=body, tpm_limit=3), SETTINGS, NOW, {})
+
+
+@pytest.mark.parametrize(
+    ("typed", "message"),
+    [
+        ({"max_budget": -1.0}, "max_budget must be a number of USD"),
+        ({"rpm_limit": -5}, "rpm_limit must be from 0"),
+        ({"tpm_limit": -5}, "tpm_limit must be from 0"),
+        ({"expires_days": 91}, "expires_days must be from 1 to 90"),
+        ({"name": "  "}, "name is required"),
+        ({"budget_duration": "7w"}, "budget_duration"),
+    ],
+)
+def test_create_typed_update_and_patch_refuse_a_field_by_the_same_rule(
+    typed: dict[str, Any], message: str
+) -> None:
+    create = keys_pb2.CreateKeyRequest(name="n", user_id="u")
+    for name, value in typed.items():
+        setattr(create, name, value)
+    with pytest.raises(InvalidArgument, match=message) as from_create:
+        convert.key_spec(create, SETTINGS, NOW, "u")
+    with pytest.raises(InvalidArgument) as from_update:
+        convert.key_update(update_request(**typed), SETTINGS, NOW, {})
+    body = Struct()
+    body.update(typed)
+    with pytest.raises(InvalidArgument) as from_patch:
+        convert.key_update(update_request(patch=body), SETTINGS, NOW, {})
+    assert str(from_create.value) == str(from_update.value) == str(from_patch.value)
+
+
+def test_create_fills_in_the_environment_defaults() -> None:
+    spec = convert.key_spec(keys_pb2.CreateKeyRequest(name="n"), SETTINGS, NOW, "u")
+    assert (spec.rpm_limit, spec.tpm_limit) == (SETTINGS.default_rpm, SETTINGS.default_tpm)
+    assert spec.max_budget_nanos == SETTINGS.default_budget_nanos
+    assert spec.expires_at_ms == NOW + 90 * 86_400_000 and spec.allowed_models == ("*",)
