@@ -14,11 +14,12 @@ import pytest
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from devstack.mock_upstream import MockUpstream
-from devstack.processes import RedisCluster, free_port
+from devstack.processes import free_port
 from keys.store import connect, record_key
 from keys.v1 import keys_pb2
 from tests.conftest import Envoy, Server, start_envoy, start_server
 from tests.helpers import Clients, bearer, chat_body, fetch
+from tests.redis_cluster import RedisCluster
 
 pytestmark = pytest.mark.integration
 
