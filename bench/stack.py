@@ -6,7 +6,6 @@ import contextlib
 import os
 import secrets
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,17 +62,6 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-def _wait_for_log(process: p.Process, text: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in process.log_text():
-            return
-        if process.proc.poll() is not None:
-            raise RuntimeError(f"{process.proc.args!r} exited:\n{process.log_text()[-2000:]}")
-        time.sleep(0.05)
-    raise TimeoutError(f"{process.proc.args!r} did not log {text!r} in {timeout}s")
-
-
 @dataclass
 class Stack:
     root: Path
@@ -91,11 +79,10 @@ class Stack:
         http_ports: list[int] = []
         started: list[p.Process] = []
         for n in range(workers):
-            http_port = p.free_port()
-            env = p.extauthz_env(
+            server = p.start_extauthz(
                 redis_url=redis_url,
+                log_path=self.root / f"{name}-{n}.log",
                 grpc_port=grpc_port,
-                http_port=http_port,
                 admin_token=ADMIN_TOKEN,
                 usage_token=USAGE_TOKEN,
                 extra={
@@ -103,13 +90,9 @@ class Stack:
                     "EXTAUTHZ_DRAIN_SECONDS": "0",
                 },
             )
-            process = p.spawn(
-                [p.executable("extauthz"), "serve"], self.root / f"{name}-{n}.log", env
-            )
-            self.processes.append(process)
-            _wait_for_log(process, '"msg": "serving"')
-            started.append(process)
-            http_ports.append(http_port)
+            self.processes.append(server.process)
+            started.append(server.process)
+            http_ports.append(server.http_port)
         return Ours(grpc_port, http_ports, started)
 
     def noop(self) -> tuple[int, p.Process]:

@@ -1,5 +1,6 @@
-"""`make run`: Redis (unless REDIS_URL is set or one answers on 6379), the authz server,
-Envoy on 127.0.0.1:10000 and the mock upstream, in the foreground; Ctrl-C stops it all."""
+"""`make run`: Redis (the one REDIS_URL or REDIS_HOST/PORT/DB name, else one on 6379, else
+its own), the authz server, Envoy on 127.0.0.1:10000 and the mock upstream, in the
+foreground; the banner says whose Redis it is and whether it answers. Ctrl-C stops it all."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import secrets
 import signal
 import sys
 import threading
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
 
 from devstack import processes as p
+from devstack import redis_target
 from devstack.mock_upstream import MockUpstream
 
 RUN_DIR = p.ROOT / ".run"
@@ -26,53 +31,48 @@ def main() -> int:
     started: list[p.Process] = []
     upstream: MockUpstream | None = None
     try:
-        redis_url = os.environ.get("REDIS_URL", "")
-        if not redis_url:
-            if p.port_open(6379):
-                redis_url = "redis://127.0.0.1:6379/0"
-            else:
-                redis = p.RedisServer(RUN_DIR / "redis", port=6379, appendonly=True).start()
-                assert redis.process is not None
-                started.append(redis.process)
-                redis_url = redis.url
+        redis = redis_target.choose(
+            os.environ, p.port_open(redis_target.DEFAULT_PORT), ".run/redis"
+        )
+        if redis.start_own:
+            own = p.RedisServer(RUN_DIR / "redis", redis_target.DEFAULT_PORT, appendonly=True)
+            started.append(own.start().running())
         admin_token = os.environ.get("EXTAUTHZ_ADMIN_TOKEN") or secrets.token_urlsafe(24)
         usage_token = os.environ.get("EXTAUTHZ_USAGE_TOKEN") or secrets.token_urlsafe(24)
-        env = p.extauthz_env(
-            redis_url=redis_url,
+        server = p.start_extauthz(
+            redis_url=redis.env.get("REDIS_URL"),  # None: the user's REDIS_* pass through
+            log_path=RUN_DIR / "extauthz.log",
             grpc_port=ports["extauthz"],
             http_port=http_port,
             admin_token=admin_token,
             usage_token=usage_token,
             extra={
-                k: v
-                for k, v in os.environ.items()
-                if k.startswith(("EXTAUTHZ_", "VIRTUAL_KEY_"))
-                and k not in ("EXTAUTHZ_GRPC_PORT", "EXTAUTHZ_HTTP_PORT", "EXTAUTHZ_BIND")
+                "EXTAUTHZ_JOURNAL_DIR": str(RUN_DIR / "journal"),
+                "EXTAUTHZ_DRAIN_SECONDS": "0",  # nothing to drain for: stop at once
+                **{
+                    k: v
+                    for k, v in os.environ.items()
+                    if k.startswith(("EXTAUTHZ_", "VIRTUAL_KEY_"))
+                    and k not in ("EXTAUTHZ_GRPC_PORT", "EXTAUTHZ_HTTP_PORT", "EXTAUTHZ_BIND")
+                },
             },
         )
-        env["EXTAUTHZ_ADMIN_TOKEN"], env["EXTAUTHZ_USAGE_TOKEN"] = admin_token, usage_token
-        env.setdefault("EXTAUTHZ_JOURNAL_DIR", str(RUN_DIR / "journal"))
-        env.setdefault("EXTAUTHZ_DRAIN_SECONDS", "0")  # nothing to drain for: stop at once
-        started.append(p.start_extauthz(env, RUN_DIR / "extauthz.log"))
+        started.append(server.process)
         upstream = MockUpstream(
             ports["upstream"], f"127.0.0.1:{ports['extauthz']}", usage_token
         ).start()
         config = RUN_DIR / "envoy.yaml"
         config.write_text(p.render_envoy_config(ports))
         started.append(p.start_envoy(config, ports["listener"], RUN_DIR / "envoy.log"))
-        print(
-            f"\nready: Envoy on http://127.0.0.1:{ports['listener']} -> mock upstream; "
-            f"extauthz gRPC on 127.0.0.1:{ports['extauthz']}, HTTP on 127.0.0.1:{http_port}; "
-            f"Redis at {redis_url}\n"
-            f"admin token: {admin_token}\n"
-            f"  export TOKEN={admin_token}\n"
-            "logs in .run/ (Ctrl-C stops everything)\n",
-            flush=True,
-        )
+        redis_ok = ready(http_port)
+        print(banner(ports, http_port, redis, redis_ok, admin_token), flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.5):
+            if not redis_ok and ready(http_port):
+                redis_ok = True
+                print(f"Redis at {redis.described()} answers now: ready", flush=True)
             dead = [proc for proc in started if proc.proc.poll() is not None]
             if dead:
                 print(
@@ -86,6 +86,41 @@ def main() -> int:
             upstream.stop()
         p.terminate_all(started)
         print("stopped", flush=True)
+
+
+def ready(http_port: int) -> bool:
+    """The server's own /readyz: it pings Redis (any URL form, with its credentials)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2) as reply:
+            return bool(reply.status == 200)
+    except (OSError, urllib.error.HTTPError):
+        return False
+
+
+def banner(
+    ports: Mapping[str, int],
+    http_port: int,
+    redis: redis_target.RedisTarget,
+    redis_ok: bool,
+    admin_token: str,
+) -> str:
+    """What `make run` prints once everything is started; `ready` only when Redis answers."""
+    if redis_ok:
+        state = f"ready: Envoy on http://127.0.0.1:{ports['listener']} -> mock upstream"
+    else:
+        state = (
+            f"NOT READY: Redis at {redis.described()} cannot be reached; the server keeps "
+            "retrying (see .run/extauthz.log).\n"
+            f"Started anyway: Envoy on http://127.0.0.1:{ports['listener']} -> mock upstream"
+        )
+    return (
+        f"\n{state}; extauthz gRPC on 127.0.0.1:{ports['extauthz']}, "
+        f"HTTP on 127.0.0.1:{http_port}\n"
+        f"Redis: {redis.described()}\n"
+        f"admin token: {admin_token}\n"
+        f"  export TOKEN={admin_token}\n"
+        "logs in .run/ (Ctrl-C stops everything)\n"
+    )
 
 
 if __name__ == "__main__":

@@ -5,16 +5,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -44,9 +45,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def stop(
-    proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 10
-) -> int:
+def stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
     if proc is None or proc.poll() is not None:
         return proc.returncode if proc is not None else 0
     proc.send_signal(sig)
@@ -80,8 +79,11 @@ class Process:
         return code
 
     def log_text(self) -> str:
+        return self.log_bytes().decode(errors="replace")
+
+    def log_bytes(self) -> bytes:
         self._log.flush()
-        return self.log_path.read_text(errors="replace")
+        return self.log_path.read_bytes()
 
 
 def spawn(args: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> Process:
@@ -128,6 +130,11 @@ class RedisServer:
         wait_port(self.port, self.process.proc)
         return self
 
+    def running(self) -> Process:
+        if self.process is None:
+            raise RuntimeError(f"redis-server in {self.directory} is not running")
+        return self.process
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """SIGTERM: a clean shutdown (AOF flushed); SIGKILL: a crash."""
         if self.process is not None:
@@ -137,16 +144,19 @@ class RedisServer:
 
 def extauthz_env(
     *,
-    redis_url: str,
+    redis_url: str | None,
     grpc_port: int,
     http_port: int,
     admin_token: str,
     usage_token: str,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
+    """The server's environment: ours minus any EXTAUTHZ_/VIRTUAL_KEY_ settings, then these.
+    `redis_url=None` leaves the REDIS_* variables of our environment to name the Redis."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EXTAUTHZ_", "VIRTUAL_KEY_"))}
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
     env.update(
-        REDIS_URL=redis_url,
         EXTAUTHZ_BIND="127.0.0.1",
         EXTAUTHZ_GRPC_PORT=str(grpc_port),
         EXTAUTHZ_HTTP_PORT=str(http_port),
@@ -157,10 +167,82 @@ def extauthz_env(
     return env
 
 
-def start_extauthz(env: Mapping[str, str], log_path: Path) -> Process:
-    process = spawn([executable("extauthz"), "serve"], log_path, env)
-    wait_port(int(env["EXTAUTHZ_GRPC_PORT"]), process.proc)
-    return process
+@dataclass
+class Extauthz:
+    """A running `extauthz serve` (one process, or a parent with its workers)."""
+
+    grpc_port: int
+    http_port: int
+    admin_token: str
+    usage_token: str
+    process: Process
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        return self.process.stop(sig)
+
+
+SERVING = '"msg": "serving"'  # the server's log line once both of its ports answer
+
+
+def start_extauthz(
+    *,
+    redis_url: str | None,
+    log_path: Path,
+    grpc_port: int | None = None,
+    http_port: int | None = None,
+    admin_token: str | None = None,
+    usage_token: str | None = None,
+    extra: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+    workers: int = 1,
+    timeout: float = 20,
+) -> Extauthz:
+    """The one way devstack, bench and tests start the server: `extauthz serve [args]`
+    on the given (else free) ports, returned once `workers` processes log that they serve.
+    The log line, not an open port, is the signal: workers share one port, so the first
+    to bind would open it for all."""
+    grpc = grpc_port if grpc_port is not None else free_port()
+    http = http_port if http_port is not None else free_port()
+    admin = admin_token or "adm-" + secrets.token_urlsafe(16)
+    usage = usage_token or "use-" + secrets.token_urlsafe(16)
+    env = extauthz_env(
+        redis_url=redis_url,
+        grpc_port=grpc,
+        http_port=http,
+        admin_token=admin,
+        usage_token=usage,
+        extra=extra,
+    )
+    before = log_path.stat().st_size if log_path.exists() else 0
+    process = spawn([executable("extauthz"), "serve", *args], log_path, env)
+    try:
+        wait_log(process, SERVING, count=workers, offset=before, timeout=timeout)
+    except BaseException:
+        process.stop(signal.SIGKILL)
+        raise
+    return Extauthz(grpc, http, admin, usage, process)
+
+
+def wait_log(
+    process: Process, text: str, *, count: int = 1, offset: int = 0, timeout: float = 20
+) -> None:
+    """Until `text` appears `count` times in the process's log after byte `offset`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.log_bytes()[offset:].decode(errors="replace").count(text) >= count:
+            return
+        if process.proc.poll() is not None:
+            raise RuntimeError(
+                f"{process.proc.args!r} exited with {process.proc.returncode}:\n"
+                f"{process.log_text()[-2000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{process.proc.args!r} did not log {text!r} in {timeout}s")
+        time.sleep(0.05)
 
 
 ENVOY_PORTS = {"listener": 10000, "extauthz": 9191, "upstream": 8000, "admin": 9901}
@@ -241,202 +323,3 @@ def start_nginx(config_path: Path, listener_port: int, work_dir: Path) -> Proces
     process = spawn(args, work_dir / "nginx.log")
     wait_port(listener_port, process.proc)
     return process
-
-
-@dataclass
-class RedisCluster:
-    """A Redis Cluster of our own on loopback: `masters` primaries, each with `replicas`
-    replicas, one redis-server per node under `directory/<port>/` (append-only files
-    on), joined by `redis-cli --cluster create`. `url` is the `redis+cluster://` seed
-    form that REDIS_URL takes."""
-
-    directory: Path
-    masters: int = 3
-    replicas: int = 0
-    node_timeout_ms: int = 1000
-    ports: list[int] = field(default_factory=list)
-    processes: dict[int, Process] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
-
-    def start(self, timeout: float = 30) -> RedisCluster:
-        count = self.masters * (1 + self.replicas)
-        # The cluster bus needs a port of its own (by default port + 10000, which can
-        # fall outside 1..65535 for an ephemeral port), so each node gets two free ports.
-        taken: set[int] = set()
-        while len(taken) < 2 * count:
-            taken.add(free_port())
-        chosen = sorted(taken)
-        self.ports, bus_ports = chosen[:count], chosen[count:]
-        try:
-            for port, bus_port in zip(self.ports, bus_ports, strict=True):
-                self._start_node(port, bus_port)
-            self._create(timeout)
-            self.wait_ok(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _create(self, timeout: float) -> None:
-        create = subprocess.run(
-            [
-                executable("redis-cli"),
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{port}" for port in self.ports),
-                "--cluster-replicas",
-                str(self.replicas),
-                "--cluster-yes",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        (self.directory / "create.log").write_text(create.stdout + create.stderr)
-        if create.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed: {create.stdout[-2000:]}")
-
-    def _start_node(self, port: int, bus_port: int) -> None:
-        node_dir = self.directory / str(port)
-        node_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            executable("redis-server"),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(node_dir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            f"nodes-{port}.conf",
-            "--cluster-node-timeout",
-            str(self.node_timeout_ms),
-            "--cluster-port",
-            str(bus_port),
-        ]
-        process = spawn(args, node_dir / "redis.log")
-        self.processes[port] = process
-        wait_port(port, process.proc)
-
-    def cli(self, port: int, *args: str) -> str:
-        """One redis-cli command against one node; its reply as text."""
-        done = subprocess.run(
-            [executable("redis-cli"), "-h", "127.0.0.1", "-p", str(port), *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return done.stdout
-
-    def live_ports(self) -> list[int]:
-        return [port for port, p in self.processes.items() if p.proc.poll() is None]
-
-    def cluster_info(self, port: int) -> dict[str, str]:
-        lines = self.cli(port, "cluster", "info").splitlines()
-        return dict(line.strip().split(":", 1) for line in lines if ":" in line)
-
-    def nodes(self, port: int | None = None) -> list[dict[str, str]]:
-        """CLUSTER NODES as seen by `port` (any live node by default): one dict per node
-        with id, port, flags, master (its primary's id, or `-`) and slots."""
-        seen_by = port if port is not None else self.live_ports()[0]
-        rows = []
-        for line in self.cli(seen_by, "cluster", "nodes").splitlines():
-            parts = line.split()
-            if len(parts) < 8:
-                continue
-            address = parts[1].split("@", 1)[0]
-            rows.append(
-                {
-                    "id": parts[0],
-                    "port": address.rsplit(":", 1)[1],
-                    "flags": parts[2],
-                    "master": parts[3],
-                    "slots": " ".join(parts[8:]),
-                }
-            )
-        return rows
-
-    def keyslot(self, key: str) -> int:
-        return int(self.cli(self.live_ports()[0], "cluster", "keyslot", key).strip())
-
-    def owner_of(self, key: str, seen_by: int | None = None) -> int:
-        """The port of the primary serving `key`'s slot (CLUSTER KEYSLOT, CLUSTER NODES)."""
-        slot = self.keyslot(key)
-        for node in self.nodes(seen_by):
-            if "master" not in node["flags"] or "fail" in node["flags"]:
-                continue
-            for part in node["slots"].split():
-                if part.startswith("["):
-                    continue  # a slot being migrated or imported
-                low, _, high = part.partition("-")
-                if int(low) <= slot <= int(high or low):
-                    return int(node["port"])
-        raise LookupError(f"no live primary serves slot {slot}")
-
-    def replicas_of(self, port: int) -> list[int]:
-        nodes = self.nodes()
-        primary = next(n["id"] for n in nodes if n["port"] == str(port))
-        return [int(n["port"]) for n in nodes if n["master"] == primary]
-
-    def wait_ok(self, timeout: float = 30) -> None:
-        """Until every live node says cluster_state:ok and agrees on which nodes are
-        primaries, and every live replica's link to its primary is up."""
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            try:
-                if self._all_ok():
-                    return
-            except (subprocess.SubprocessError, OSError, ValueError) as exc:
-                last = repr(exc)
-            time.sleep(0.1)
-        raise TimeoutError(f"cluster not ok after {timeout}s {last}")
-
-    def _all_ok(self) -> bool:
-        live = self.live_ports()
-        views = set()
-        for port in live:
-            if self.cluster_info(port).get("cluster_state") != "ok":
-                return False
-            masters = sorted(
-                n["port"]
-                for n in self.nodes(port)
-                if "master" in n["flags"] and "fail" not in n["flags"] and n["slots"]
-            )
-            views.add(tuple(masters))
-            info = self.cli(port, "info", "replication")
-            if "role:slave" in info and "master_link_status:up" not in info:
-                return False
-        return len(views) == 1
-
-    def kill(self, port: int) -> None:
-        """SIGKILL one node: no shutdown save, no goodbye to the cluster."""
-        self.processes[port].stop(signal.SIGKILL)
-
-    def stop_node(self, port: int) -> None:
-        self.processes[port].stop()
-
-    def pause(self, port: int) -> None:
-        """SIGSTOP one node (it keeps its sockets but reads nothing) until resume()."""
-        self.processes[port].proc.send_signal(signal.SIGSTOP)
-
-    def resume(self, port: int) -> None:
-        self.processes[port].proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        for port, process in self.processes.items():
-            with contextlib.suppress(Exception):
-                if process.proc.poll() is None:
-                    self.resume(port)
-                process.stop()

@@ -4,7 +4,6 @@ upstream and Envoy. Tests that break a server start their own."""
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,17 +51,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
-@dataclass
-class Server:
-    grpc_port: int
-    http_port: int
-    admin_token: str
-    usage_token: str
-    process: p.Process
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+Server = p.Extauthz
 
 
 def start_server(
@@ -72,23 +61,20 @@ def start_server(
     admin_token: str | None = None,
     usage_token: str | None = None,
 ) -> Server:
-    grpc_port, http_port = p.free_port(), p.free_port()
-    admin = admin_token or "adm-" + secrets.token_urlsafe(16)
-    usage = usage_token or "use-" + secrets.token_urlsafe(16)
-    env = p.extauthz_env(
+    """A server of the tests' own on free ports, with SERVER_DEFAULTS and its own journal."""
+    grpc_port = p.free_port()
+    return p.start_extauthz(
         redis_url=redis_url,
+        log_path=log_dir / f"extauthz-{grpc_port}.log",
         grpc_port=grpc_port,
-        http_port=http_port,
-        admin_token=admin,
-        usage_token=usage,
+        admin_token=admin_token,
+        usage_token=usage_token,
         extra={
             **SERVER_DEFAULTS,
             "EXTAUTHZ_JOURNAL_DIR": str(log_dir / f"journal-{grpc_port}"),
             **(extra or {}),
         },
     )
-    process = p.start_extauthz(env, log_dir / f"extauthz-{grpc_port}.log")
-    return Server(grpc_port, http_port, admin, usage, process)
 
 
 @pytest.fixture(scope="session")

@@ -34,13 +34,13 @@ def key_spec(**overrides: Any) -> KeySpec:
     return spec
 
 
-def eventually(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    """Polls `condition` until it holds or `timeout` seconds pass."""
+def eventually(condition: Callable[[], bool], timeout: float = 10, interval: float = 0.1) -> bool:
+    """Polls `condition` every `interval` seconds until it holds or `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return True
-        time.sleep(0.1)
+        time.sleep(interval)
     return condition()
 
 

@@ -3,9 +3,11 @@ real records in Redis (the Lua side is tested in test_hostile_input.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from importlib import resources
 
 import pytest
+import redis
 
 from keys import keygen
 from keys.model import KeySpec, Reason
@@ -54,3 +56,45 @@ async def test_a_rotated_out_digest_is_checked_with_compare_digest(
     reason, _ = await store.validate(parsed)
     assert reason is Reason.OK
     assert (keygen.digest(old), parsed.digest) in spy.calls
+
+
+# --- Lua: keys/lua/_budget.lua's same_digest, run by the real Redis ---------------------------
+
+# Counts string.byte calls inside same_digest: prepended, this local `string` shadows the
+# global one for the library that follows.
+BYTE_COUNTER = """
+local reads = 0
+local real_byte = string.byte
+local string = setmetatable(
+  {byte = function(s, i) reads = reads + 1; return real_byte(s, i) end}, {__index = string})
+"""
+
+
+@pytest.fixture
+def byte_reads(redis_url: str) -> Iterator[Callable[[str, str], tuple[bool, int]]]:
+    """same_digest(a, b) on the real Redis: (its answer, how many bytes it read)."""
+    library = resources.files("keys").joinpath("lua", "_budget.lua").read_text()
+    client = redis.Redis.from_url(redis_url)
+    script = client.register_script(
+        BYTE_COUNTER + library + "\nreturn {same_digest(ARGV[1], ARGV[2]) and 1 or 0, reads}\n"
+    )
+
+    def call(a: str, b: str) -> tuple[bool, int]:
+        same, reads = script(args=[a, b])
+        return bool(same), int(reads)
+
+    yield call
+    client.close()
+
+
+def test_lua_same_digest_reads_every_byte_wherever_the_first_difference_is(
+    byte_reads: Callable[[str, str], tuple[bool, int]],
+) -> None:
+    """A compare that stopped at the first difference would read fewer bytes, and so take
+    less time, the earlier the presented digest goes wrong."""
+    stored = keygen.digest("sk-mp-a1b2c3d4e5f67890-" + "S" * 43)
+    flip = {"0": "1"}.get
+    for at in (0, 1, 31, 63):
+        other = stored[:at] + (flip(stored[at]) or "0") + stored[at + 1 :]
+        assert byte_reads(other, stored) == (False, 2 * len(stored)), at
+    assert byte_reads(stored, stored) == (True, 2 * len(stored))

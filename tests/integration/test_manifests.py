@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from devstack import processes as p
+from extauthz.settings import Settings
 
 pytestmark = pytest.mark.unit
 
@@ -103,10 +104,31 @@ def extauthz_container(deployment: Document) -> Document:
     return found[0]
 
 
+class ReadNames(dict[str, str]):
+    """An empty environment that notes every name looked up in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+
 def settings_env_names() -> set[str]:
-    """Every environment variable extauthz/settings.py reads."""
-    source = (ROOT / "extauthz" / "settings.py").read_text()
-    return set(re.findall(r"\"((?:EXTAUTHZ|REDIS|VIRTUAL_KEY)_[A-Z_]+)\"", source))
+    """Every environment variable Settings.from_env looks up (all of them, with none set)."""
+    env = ReadNames()
+    Settings.from_env(env)
+    return env.read
 
 
 @pytest.mark.parametrize("doc", [doc for _, doc in MANIFESTS], ids=[i for i, _ in MANIFESTS])

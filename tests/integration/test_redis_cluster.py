@@ -14,12 +14,13 @@ import pytest
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from devstack.mock_upstream import MockUpstream
-from devstack.processes import RedisCluster, free_port
+from devstack.processes import free_port
 from keys.connection import connect
 from keys.keyspace import record_key
 from keys.v1 import keys_pb2
 from tests.conftest import Envoy, Server, start_envoy, start_server
-from tests.helpers import Clients, bearer, chat_body, fetch
+from tests.helpers import Clients, bearer, chat_body, eventually, fetch
+from tests.redis_cluster import RedisCluster
 
 pytestmark = pytest.mark.integration
 
@@ -250,6 +251,7 @@ class Load:
 
     def __init__(self, clients: Clients, keys: list[str]) -> None:
         self.clients = clients
+        self.keys = keys
         self.answers: list[Answer] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(k,)) for k in keys]
@@ -272,15 +274,25 @@ class Load:
             except grpc.RpcError:
                 status = 0
             self.answers.append(Answer(key, started, time.monotonic() - started, status))
-            time.sleep(0.02)
+            self._stop.wait(0.02)  # the pace, and a prompt end
 
     def wait_for_429(self, key: str, since: float, *, at_least_until: float) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not (
-            time.monotonic() > at_least_until
-            and any(a.key == key and a.status == 429 and a.started > since for a in self.answers)
-        ):
-            time.sleep(0.1)
+        eventually(
+            lambda: (
+                time.monotonic() > at_least_until
+                and any(
+                    a.key == key and a.status == 429 and a.started > since for a in self.answers
+                )
+            )
+        )
+
+    def wait_for_answers(self, count: int) -> None:
+        """Until `count` more answers than now came in, at least one for each key."""
+        target = len(self.answers) + count
+        assert eventually(
+            lambda: len(self.answers) >= target and {a.key for a in self.answers} >= set(self.keys),
+            interval=0.01,
+        ), f"{len(self.answers)} answers"
 
 
 def key_with_replica(
@@ -343,11 +355,11 @@ def fail_over(
             break
 
     with Load(clients, [key] * 4 + [bystander] * 2) as load:
-        time.sleep(0.5)
+        load.wait_for_answers(80)
         if lagging_replica:
             cluster.pause(replica)  # so that it cannot reconnect
             cluster.cli(owner, "client", "kill", "type", "replica")
-            time.sleep(0.3)  # Checks go on, counted by the primary alone
+            load.wait_for_answers(50)  # Checks go on, counted by the primary alone
         killed_at = time.monotonic()
         cluster.kill(owner)
         if lagging_replica:
@@ -409,12 +421,12 @@ def test_planned_failover_is_followed_through_moved_and_keeps_rpm_exact(
     limit = 150
     key, key_id, owner, replica = key_with_replica(cluster, clients, limit)
     with Load(clients, [key] * 4) as load:
-        time.sleep(0.3)
+        load.wait_for_answers(50)
         cluster.cli(replica, "cluster", "failover")
-        deadline = time.monotonic() + 10
-        while cluster.owner_of(record_key(key_id), seen_by=owner) != replica:
-            assert time.monotonic() < deadline, "the replica did not take over"
-            time.sleep(0.05)
+        assert eventually(
+            lambda: cluster.owner_of(record_key(key_id), seen_by=owner) == replica,
+            interval=0.05,
+        ), "the replica did not take over"
         switched_at = time.monotonic()
         load.wait_for_429(key, switched_at, at_least_until=switched_at + 0.5)
     statuses = [a.status for a in load.answers]

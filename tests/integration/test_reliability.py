@@ -4,13 +4,14 @@ Spend is money: an accepted usage report is never lost and never charged twice."
 from __future__ import annotations
 
 import signal
-import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
+import redis
 
 from devstack.processes import RedisServer
 from keys.v1 import keys_pb2
@@ -50,6 +51,23 @@ def journal_depth(node: Node) -> float:
     text = fetch(node.server.http_port, "GET", "/metrics").body.decode()
     line = next(x for x in text.splitlines() if x.startswith("extauthz_usage_journal_depth "))
     return float(line.split()[1])
+
+
+def wait_until_in_the_aof(server: RedisServer) -> None:
+    """Until every write so far is in the append-only file, so a SIGKILL cannot lose it:
+    writes reach the file in order, so once a marker written now is there, all are."""
+    marker = f"aof-marker-{uuid.uuid4().hex}"
+    client = redis.Redis.from_url(server.url)
+    try:
+        client.set(marker, 1)
+    finally:
+        client.close()
+
+    def on_disk() -> bool:
+        files = server.directory.rglob("*.aof")
+        return any(marker.encode() in path.read_bytes() for path in files)
+
+    assert eventually(on_disk, interval=0.02), "the marker never reached the append-only file"
 
 
 def test_reports_during_an_outage_are_queued_then_charged_once(
@@ -124,7 +142,7 @@ def test_keys_spend_counters_and_usage_survive_a_redis_crash_with_aof(
         for _ in range(2):
             assert node.clients.check(auth, chat_body()).status.code == 0
         node.clients.report(data.id, "r1", cost=1.25, prompt_tokens=7)
-        time.sleep(1.2)  # appendfsync everysec: a crash may lose up to the last second
+        wait_until_in_the_aof(redis)
         redis.stop(signal.SIGKILL)
         redis.start()
         assert eventually(lambda: node.clients.check(auth, chat_body()).status.code == 0)
@@ -160,7 +178,7 @@ def test_killed_replica_leaves_the_other_serving_and_counters_consistent(
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             futures = [pool.submit(check, i) for i in range(60)]
-            time.sleep(0.05)
+            assert eventually(lambda: any(f.done() for f in futures), interval=0.002)
             a.server.process.proc.send_signal(signal.SIGKILL)
             statuses = [f.result() for f in futures]
         after = [

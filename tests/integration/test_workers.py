@@ -11,7 +11,7 @@ import pytest
 
 from devstack import processes as p
 from tests.conftest import SERVER_DEFAULTS
-from tests.helpers import Clients, chat_body, eventually, fetch
+from tests.helpers import Clients, chat_body, fetch
 
 pytestmark = pytest.mark.integration
 
@@ -20,26 +20,24 @@ pytestmark = pytest.mark.integration
 def test_two_workers_share_the_ports_and_enforce_one_limit(
     redis_url: str, tmp_path: Path, how: str
 ) -> None:
-    grpc_port, http_port = p.free_port(), p.free_port()
-    env = p.extauthz_env(
+    extra = {**SERVER_DEFAULTS, "EXTAUTHZ_JOURNAL_DIR": str(tmp_path / "journal")}
+    args: list[str] = []
+    if how == "flag":
+        args = ["--workers", "2"]
+    else:
+        extra["EXTAUTHZ_WORKERS"] = "2"  # inherited by the workers, who must not fork again
+    # returns once both workers log that they serve (the first to bind opens the port)
+    server = p.start_extauthz(
         redis_url=redis_url,
-        grpc_port=grpc_port,
-        http_port=http_port,
+        log_path=tmp_path / "workers.log",
         admin_token="adm-workers",
         usage_token="use-workers",
-        extra={**SERVER_DEFAULTS, "EXTAUTHZ_JOURNAL_DIR": str(tmp_path / "journal")},
+        extra=extra,
+        args=args,
+        workers=2,
     )
-    args = [p.executable("extauthz"), "serve"]
-    if how == "flag":
-        args += ["--workers", "2"]
-    else:
-        env["EXTAUTHZ_WORKERS"] = "2"  # inherited by the workers, who must not fork again
-    process = p.spawn(args, tmp_path / "workers.log", env)
+    grpc_port, http_port, process = server.grpc_port, server.http_port, server.process
     try:
-        p.wait_port(grpc_port, process.proc)
-        p.wait_port(http_port, process.proc)
-        # the first worker to bind opens the port; wait for both before the load
-        assert eventually(lambda: process.log_text().count('"msg": "serving"') == 2)
         # many channels, so the kernel spreads connections over both workers
         channels = [
             grpc.insecure_channel(
