@@ -8,13 +8,14 @@ import os
 import re
 import subprocess
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from devstack.processes import executable
+from devstack.processes import executable, free_port
 from keys.v1 import keys_pb2
-from tests.conftest import Server
+from tests.conftest import Server, start_server
 from tests.helpers import Clients
 
 pytestmark = pytest.mark.integration
@@ -202,17 +203,30 @@ def test_validate_names_why_a_key_is_invalid(server: Server) -> None:
     assert reply["key"] not in result.stdout + result.stderr
 
 
-def test_usage_charts_today_with_the_cost(server: Server, clients: Clients) -> None:
+def day_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if re.match(r"\d{4}-\d{2}-\d{2}( |$)", line)]
+
+
+def test_usage_charts_only_the_day_with_usage(server: Server, clients: Clients) -> None:
     key_id = create(server, "--user-id=u1")["key_data"]["id"]
     clients.report(key_id, "cli-usage-1", model="gpt-4", prompt_tokens=100, cost=0.25)
     out = ok(server, "usage", key_id, "--days", "7")
     today = dt.datetime.now(dt.UTC).date().isoformat()
-    day_lines = [line for line in out.splitlines() if re.match(r"\d{4}-\d{2}-\d{2}( |$)", line)]
-    assert len(day_lines) == 7
-    [today_line] = [line for line in day_lines if line.startswith(today)]
+    [today_line] = day_lines(out)
+    assert today_line.startswith(today)
     assert "█" in today_line and "$0.25" in today_line
-    assert all("█" not in line for line in day_lines if line != today_line)
     assert re.search(r"^gpt-4\s+1\s+100\s+0\s+\$0\.25$", out, re.MULTILINE)
+
+
+def test_usage_all_days_charts_every_day_of_the_range(server: Server, clients: Clients) -> None:
+    key_id = create(server, "--user-id=u1")["key_data"]["id"]
+    clients.report(key_id, "cli-usage-3", model="gpt-4", prompt_tokens=100, cost=0.25)
+    lines = day_lines(ok(server, "usage", key_id, "--days", "7", "--all-days"))
+    assert len(lines) == 7
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    assert [line for line in lines if "█" in line] == [
+        line for line in lines if line.startswith(today)
+    ]
 
 
 def test_usage_json_is_the_get_usage_response(server: Server, clients: Clients) -> None:
@@ -240,4 +254,22 @@ def test_token_flag_wins_over_the_environment(server: Server) -> None:
 
 def test_unreachable_server_is_a_one_line_error(server: Server) -> None:
     line = one_line_error(vkeys(server, "list", EXTAUTHZ_ADDR="127.0.0.1:1"), "UNAVAILABLE")
-    assert "127.0.0.1:1" in line
+    assert "cannot reach 127.0.0.1:1" in line
+    assert "Redis" not in line
+
+
+@pytest.fixture(scope="module")
+def server_without_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server up and answering, pointed at a Redis port where nothing listens."""
+    srv = start_server(f"redis://127.0.0.1:{free_port()}/0", tmp_path_factory.mktemp("no-redis"))
+    yield srv
+    srv.process.stop()
+
+
+def test_server_without_redis_is_blamed_on_redis_not_the_address(
+    server_without_redis: Server,
+) -> None:
+    line = one_line_error(vkeys(server_without_redis, "list"), "UNAVAILABLE")
+    addr = server_without_redis.address
+    assert f"the server at {addr} cannot reach Redis; try again shortly" in line
+    assert f"cannot reach {addr}" not in line

@@ -8,244 +8,29 @@ print one line on stderr and exit 1.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import sys
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from keys.v1 import keys_pb2, keys_pb2_grpc
+from keys.v1 import keys_pb2
+from vkeys import format as fmt
+from vkeys.api import Api, explain, open_channel
 
 DEFAULT_ADDR = "127.0.0.1:9191"
 DEFAULT_TIMEOUT_S = 10.0
-BAR_WIDTH = 40
-BAR = "█"
 INT32_MAX = 2**31 - 1
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
 
 
 class CliError(Exception):
     """A mistake in the command line that argparse cannot see; one line, exit 1."""
 
 
-@dataclass
-class Api:
-    """The two stubs, with the metadata and timeout every call carries."""
-
-    channel: grpc.Channel
-    metadata: tuple[tuple[str, str], ...]
-    timeout: float
-
-    @property
-    def keys(self) -> keys_pb2_grpc.KeyServiceStub:
-        return keys_pb2_grpc.KeyServiceStub(self.channel)
-
-    @property
-    def usage(self) -> keys_pb2_grpc.UsageServiceStub:
-        return keys_pb2_grpc.UsageServiceStub(self.channel)
-
-    def call(self, method: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req) -> Resp:
-        return method(request, timeout=self.timeout, metadata=self.metadata, wait_for_ready=False)
-
-
-# ---------------------------------------------------------------- formatting
-
-
-def usd(value: float) -> str:
-    text = f"{value:.6f}".rstrip("0")
-    whole, _, cents = text.partition(".")
-    return f"${whole}.{cents.ljust(2, '0')}"
-
-
-def limit(value: float) -> str:
-    return "unlimited" if value == 0 else f"{value:,}"
-
-
-def budget(value: float) -> str:
-    return "unlimited" if value == 0 else usd(value)
-
-
-def when(stamp: Timestamp, unset: str = "never", fmt: str = "%Y-%m-%d %H:%M:%S UTC") -> str:
-    if stamp.seconds == 0 and stamp.nanos == 0:
-        return unset
-    return stamp.ToDatetime(tzinfo=dt.UTC).strftime(fmt)
-
-
-def models(names: Iterable[str]) -> str:
-    listed = list(names)
-    return "* (all)" if listed in ([], ["*"]) else ", ".join(listed)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [
-            cell.rjust(w) if i in right else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(parts).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def key_details(data: keys_pb2.KeyData) -> str:
-    remaining = usd(data.budget_remaining) if data.HasField("budget_remaining") else "unlimited"
-    fields = [
-        ("id", data.id),
-        ("name", data.name),
-        ("user_id", data.user_id),
-        ("team_id", data.team_id or "-"),
-        ("status", data.status),
-        ("created_at", when(data.created_at)),
-        ("expires_at", when(data.expires_at)),
-        ("allowed_models", models(data.allowed_models)),
-        ("max_budget", budget(data.max_budget)),
-        ("spent", usd(data.spent)),
-        ("budget_remaining", remaining),
-        ("budget_duration", data.budget_duration or "-"),
-        ("budget_reset_at", when(data.budget_reset_at, unset="-")),
-        ("tpm_limit", limit(data.tpm_limit)),
-        ("rpm_limit", limit(data.rpm_limit)),
-        ("total_requests", f"{data.total_requests:,}"),
-        ("last_used", when(data.last_used)),
-        ("metadata", ", ".join(f"{k}={v}" for k, v in sorted(data.metadata.items())) or "-"),
-    ]
-    width = max(len(name) for name, _ in fields)
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in fields)
-
-
-def key_table(keys: Sequence[keys_pb2.KeyData]) -> str:
-    headers = ["id", "name", "user", "team", "status", "spent/budget", "rpm", "tpm", "expires"]
-    rows = [
-        [
-            k.id,
-            k.name,
-            k.user_id,
-            k.team_id or "-",
-            k.status,
-            f"{usd(k.spent)}/{budget(k.max_budget)}",
-            limit(k.rpm_limit),
-            limit(k.tpm_limit),
-            when(k.expires_at, fmt="%Y-%m-%d"),
-        ]
-        for k in keys
-    ]
-    return table(headers, rows, right=(5, 6, 7))
-
-
-def new_key(verb: str, reply: keys_pb2.CreateKeyResponse, note: str = "") -> str:
-    return "\n".join(
-        [
-            f"{verb} key {reply.key_data.id} ({reply.key_data.name})",
-            "",
-            f"    {reply.key}",
-            "",
-            "Save this key now: it is shown only once and cannot be recovered." + note,
-            "",
-            key_details(reply.key_data),
-        ]
-    )
-
-
-def as_dict(message: Message) -> dict[str, Any]:
-    return MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-
-
 def emit(args: argparse.Namespace, message: Message, text: str) -> None:
-    print(json.dumps(as_dict(message), indent=2) if args.json else text)
-
-
-# ---------------------------------------------------------------- usage chart
-
-
-@dataclass
-class Day:
-    cost: float = 0.0
-    tokens: int = 0
-    requests: int = 0
-
-
-def days_of(reply: keys_pb2.GetUsageResponse) -> dict[str, Day]:
-    """One entry per day from start_date to end_date, days without rows included."""
-    dates = sorted({row.date for row in reply.rows})
-    first = reply.start_date or (dates[0] if dates else "")
-    last = reply.end_date or (dates[-1] if dates else "")
-    days: dict[str, Day] = {}
-    if first and last:
-        day, end = dt.date.fromisoformat(first), dt.date.fromisoformat(last)
-        while day <= end:
-            days[day.isoformat()] = Day()
-            day += dt.timedelta(days=1)
-    for row in reply.rows:
-        entry = days.setdefault(row.date, Day())
-        entry.cost += row.cost
-        entry.tokens += row.prompt_tokens + row.completion_tokens
-        entry.requests += row.requests
-    return dict(sorted(days.items()))
-
-
-def bar(value: float, largest: float) -> str:
-    if value <= 0 or largest <= 0:
-        return ""
-    return BAR * max(1, round(value / largest * BAR_WIDTH))
-
-
-def chart(days: dict[str, Day]) -> str:
-    by_cost = any(d.cost > 0 for d in days.values())
-    measure: Callable[[Day], float] = (lambda d: d.cost) if by_cost else (lambda d: d.tokens)
-    largest = max((measure(d) for d in days.values()), default=0)
-    lines = [f"per day (bar: {'cost' if by_cost else 'tokens'})"]
-    for date, day in days.items():
-        numbers = (
-            f"{usd(day.cost)}  {day.requests:,} req  {day.tokens:,} tok" if day.requests else ""
-        )
-        lines.append(f"{date}  {bar(measure(day), largest).ljust(BAR_WIDTH)}  {numbers}".rstrip())
-    return "\n".join(lines)
-
-
-def model_table(rows: Iterable[keys_pb2.UsageRow]) -> str:
-    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
-    for row in rows:
-        entry = totals[row.model]
-        entry[0] += row.requests
-        entry[1] += row.prompt_tokens
-        entry[2] += row.completion_tokens
-        entry[3] += row.cost
-    ordered = sorted(totals.items(), key=lambda item: (-item[1][3], item[0]))
-    body = [
-        [model, f"{int(r):,}", f"{int(p):,}", f"{int(c):,}", usd(cost)]
-        for model, (r, p, c, cost) in ordered
-    ]
-    headers = ["model", "requests", "prompt", "completion", "cost"]
-    return table(headers, body, right=(1, 2, 3, 4)) if body else "no usage by model"
-
-
-def usage_report(subject: str, reply: keys_pb2.GetUsageResponse) -> str:
-    t = reply.totals
-    return "\n\n".join(
-        [
-            f"usage of {subject}, {reply.start_date} .. {reply.end_date}"
-            f" ({len(reply.key_ids)} key{'' if len(reply.key_ids) == 1 else 's'})",
-            f"requests {t.requests:,}   prompt tokens {t.prompt_tokens:,}   completion tokens"
-            f" {t.completion_tokens:,}   total tokens {t.total_tokens:,}   cost {usd(t.cost)}",
-            chart(days_of(reply)),
-            model_table(reply.rows),
-        ]
-    )
+    print(json.dumps(fmt.as_dict(message), indent=2) if args.json else text)
 
 
 # ---------------------------------------------------------------- commands
@@ -278,7 +63,7 @@ def cmd_create(api: Api, args: argparse.Namespace) -> int:
     )
     set_given(request, args)
     reply = api.call(api.keys.CreateKey, request)
-    emit(args, reply, new_key("created", reply))
+    emit(args, reply, fmt.new_key("created", reply))
     return 0
 
 
@@ -297,7 +82,7 @@ def cmd_list(api: Api, args: argparse.Namespace) -> int:
         reply = api.call(api.keys.ListKeys, request)
         keys.extend(reply.keys)
     result = keys_pb2.ListKeysResponse(keys=keys, next_page_token=reply.next_page_token)
-    text = key_table(keys) if keys else "no keys"
+    text = fmt.key_table(keys) if keys else "no keys"
     if reply.next_page_token:
         text += f"\n\nmore: vkeys list --page-token {reply.next_page_token} (or --all)"
     emit(args, result, text)
@@ -306,7 +91,7 @@ def cmd_list(api: Api, args: argparse.Namespace) -> int:
 
 def cmd_show(api: Api, args: argparse.Namespace) -> int:
     data = api.call(api.keys.GetKey, keys_pb2.GetKeyRequest(id=args.key_id))
-    emit(args, data, key_details(data))
+    emit(args, data, fmt.key_details(data))
     return 0
 
 
@@ -328,13 +113,13 @@ def update_request(args: argparse.Namespace) -> keys_pb2.UpdateKeyRequest:
 
 def cmd_update(api: Api, args: argparse.Namespace) -> int:
     data = api.call(api.keys.UpdateKey, update_request(args))
-    emit(args, data, f"updated key {data.id}\n\n{key_details(data)}")
+    emit(args, data, f"updated key {data.id}\n\n{fmt.key_details(data)}")
     return 0
 
 
 def cmd_revoke(api: Api, args: argparse.Namespace) -> int:
     data = api.call(api.keys.RevokeKey, keys_pb2.RevokeKeyRequest(id=args.key_id))
-    emit(args, data, f"revoked key {data.id}\n\n{key_details(data)}")
+    emit(args, data, f"revoked key {data.id}\n\n{fmt.key_details(data)}")
     return 0
 
 
@@ -346,7 +131,7 @@ def cmd_rotate(api: Api, args: argparse.Namespace) -> int:
         if args.grace_seconds
         else " The old key no longer works."
     )
-    emit(args, reply, new_key("rotated", reply, old))
+    emit(args, reply, fmt.new_key("rotated", reply, old))
     return 0
 
 
@@ -362,7 +147,7 @@ def cmd_validate(api: Api, args: argparse.Namespace) -> int:
     verdict = "valid" if reply.valid else f"invalid: {reply.error or 'invalid_api_key'}"
     parts = [f"{verdict} (key id {reply.key_id or '-'})"]
     if reply.HasField("key_data"):
-        parts.append(key_details(reply.key_data))
+        parts.append(fmt.key_details(reply.key_data))
     emit(args, reply, "\n\n".join(parts))
     return 0 if reply.valid else 1
 
@@ -375,7 +160,8 @@ def cmd_usage(api: Api, args: argparse.Namespace) -> int:
     field, value = chosen[0]
     request = keys_pb2.GetUsageRequest(days=args.days, **{field: value})
     reply = api.call(api.usage.GetUsage, request)
-    emit(args, reply, usage_report(f"{field.removesuffix('_id')} {value}", reply))
+    subject = f"{field.removesuffix('_id')} {value}"
+    emit(args, reply, fmt.usage_report(subject, reply, all_days=args.all_days))
     return 0
 
 
@@ -479,33 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--user-id", default="")
     usage.add_argument("--team-id", default="")
     usage.add_argument("--days", type=int32, default=30)
+    usage.add_argument("--all-days", action="store_true", help="chart days without usage too")
     return parser
 
 
 # ---------------------------------------------------------------- main
-
-
-def open_channel(args: argparse.Namespace, addr: str) -> grpc.Channel:
-    if not (args.tls_ca or args.tls_cert):
-        return grpc.insecure_channel(addr)
-
-    def read(path: str | None) -> bytes | None:
-        return Path(path).read_bytes() if path else None
-
-    credentials = grpc.ssl_channel_credentials(
-        read(args.tls_ca), read(args.tls_key), read(args.tls_cert)
-    )
-    return grpc.secure_channel(addr, credentials)
-
-
-def rpc_message(err: grpc.RpcError, addr: str) -> str:
-    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (err.details() if isinstance(err, grpc.Call) else str(err)) or ""
-    if code is grpc.StatusCode.UNAVAILABLE:
-        details = f"cannot reach {addr}: {details}"
-    elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        details = f"no answer from {addr} in time: {details}"
-    return f"{code.name}: {' '.join(details.split())}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -516,11 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.user:
         metadata.append(("x-user-id", args.user))
     try:
-        with open_channel(args, addr) as channel:
-            code: int = args.run(Api(channel, tuple(metadata), args.timeout), args)
+        with open_channel(addr, args.tls_ca, args.tls_cert, args.tls_key) as channel:
+            try:
+                code: int = args.run(Api(channel, tuple(metadata), args.timeout), args)
+            except grpc.RpcError as err:
+                return fail(explain(err, channel, addr))
             return code
-    except grpc.RpcError as err:
-        return fail(rpc_message(err, addr))
     except (CliError, OSError) as err:
         return fail(str(err))
     except KeyboardInterrupt:
@@ -530,7 +295,3 @@ def main(argv: list[str] | None = None) -> int:
 def fail(message: str) -> int:
     print(f"vkeys: {message}", file=sys.stderr)
     return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
