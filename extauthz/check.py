@@ -17,7 +17,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from extauthz import responses
 from extauthz.metrics import Metrics
-from extauthz.request import presented_key, requested_model
+from extauthz.request import is_public, presented_key, requested_model
 from keys.errors import StoreUnavailable
 from keys.model import BodyModel, Decision, Reason, RequestedModel
 from keys.pricing import PriceTable
@@ -79,7 +79,7 @@ class Decider:
         headers: Mapping[str, str],
         model_of: Callable[[], RequestedModel],
     ) -> Outcome:
-        if path.partition("?")[0] in self.public_paths:
+        if is_public(path, headers, self.public_paths):
             return _PUBLIC
         key = presented_key(headers)
         if key is None:
@@ -171,6 +171,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     ) -> CheckReply:
         http = request.attributes.request.http
         headers = http_headers(http)
+        headers.setdefault(":method", http.method)  # Envoy sends it; bare test clients may not
         body = http.raw_body or http.body.encode()
         outcome = await self.decider.decide(
             http.path, headers, lambda: requested_model(body, headers)

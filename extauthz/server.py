@@ -99,9 +99,9 @@ async def serve(settings: Settings) -> None:
         if journal is not None
         else None
     )
-    http = await HttpEndpoint(metrics, lambda: watch.ready, decider).start(
-        settings.bind, settings.http_port
-    )
+    http = await HttpEndpoint(
+        metrics, lambda: watch.ready, decider, uri_header=settings.auth_uri_header
+    ).start(settings.bind, settings.http_port)
     await server.start()
     if not settings.admin_token:
         log.warning("EXTAUTHZ_ADMIN_TOKEN is not set: admin calls will be refused")

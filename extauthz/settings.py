@@ -44,6 +44,7 @@ class Settings:
     drain_seconds: float = 5.0
     journal_dir: str = ".extauthz/journal"
     journal_max_bytes: int = 64 << 20
+    auth_uri_header: str = "x-original-uri"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -100,6 +101,9 @@ class Settings:
             drain_seconds=r.integer("EXTAUTHZ_DRAIN_SECONDS", 5, 0, 300),
             journal_dir=env.get("EXTAUTHZ_JOURNAL_DIR", ".extauthz/journal"),
             journal_max_bytes=r.integer("EXTAUTHZ_JOURNAL_MAX_BYTES", 64 << 20, 0, 1 << 40),
+            # The one header /auth reads the original URI from (ingress-nginx: x-original-url).
+            auth_uri_header=env.get("EXTAUTHZ_AUTH_URI_HEADER", "x-original-uri").strip().lower()
+            or "x-original-uri",
         )
 
 
