@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from devstack.mock_upstream import MockUpstream
+from devstack.processes import wait_port
 from keys.v1 import keys_pb2
 from tests.conftest import Envoy, Server, start_server
 from tests.e2e.test_nginx import Nginx, start
@@ -123,6 +124,7 @@ def url_server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         tmp_path_factory.mktemp("url-server"),
         extra={"EXTAUTHZ_AUTH_URI_HEADER": "X-Original-URL"},
     )
+    wait_port(srv.http_port, srv.process.proc)  # start_server waits for gRPC only
     yield srv
     srv.process.stop()
 
