@@ -1,6 +1,7 @@
 """A small OpenAI-compatible upstream that plays the load balancer of the integration
 guide's step 4: it answers with a `usage` object and reports it with ReportUsage, keyed by
-`x-virtual-key-id` and Envoy's unique `x-request-id`.
+`x-virtual-key-id` and `x-virtual-key-request-id`, the id Check gave the request (never a
+client-chosen one such as `x-request-id`). Real load balancers must do the same.
 
 Completion tokens are the request's `max_tokens` (default 10); prompt tokens are about
 one per four characters of message content. Every request it saw is kept in `seen`.
@@ -39,6 +40,7 @@ class MockUpstream:
     usage_token: str
     seen: list[Seen] = field(default_factory=list)
     report_errors: list[str] = field(default_factory=list)
+    reported: list[str] = field(default_factory=list)  # request ids, in report order
     _server: ThreadingHTTPServer | None = None
     _channel: grpc.Channel | None = None
 
@@ -91,15 +93,11 @@ class MockUpstream:
                 prompt = chars // 4 + 1
                 completion = int(request.get("max_tokens") or 10)
                 key_id = headers.get("x-virtual-key-id")
-                if key_id:
-                    upstream.report(
-                        usage,
-                        key_id,
-                        headers.get("x-request-id") or str(uuid.uuid4()),
-                        model,
-                        prompt,
-                        completion,
-                    )
+                request_id = headers.get("x-virtual-key-request-id")
+                if key_id and request_id:
+                    upstream.report(usage, key_id, request_id, model, prompt, completion)
+                elif key_id:
+                    upstream.report_errors.append("no x-virtual-key-request-id: not reported")
                 self._send(
                     200,
                     {
@@ -138,6 +136,7 @@ class MockUpstream:
         prompt: int,
         completion: int,
     ) -> None:
+        self.reported.append(request_id)
         try:
             usage.ReportUsage(
                 keys_pb2.ReportUsageRequest(

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from extauthz import responses
 from extauthz.decision import Decider, Outcome, Verdict
 from extauthz.metrics import Metrics
-from extauthz.request import model_from_headers
+from extauthz.request import AmbiguousUri, model_from_headers, original_uri
 
 log = logging.getLogger("extauthz.http")
 MAX_HEAD_BYTES = 32_768
@@ -53,21 +53,37 @@ def auth_answer(outcome: Outcome) -> Answer:
     if outcome.verdict is Verdict.UNVERIFIED:
         return (
             200,
-            [("x-virtual-key-id", decision.key_id), (responses.UNVERIFIED_HEADER, "true")],
+            [
+                ("x-virtual-key-id", decision.key_id),
+                (responses.UNVERIFIED_HEADER, "true"),
+                responses.request_id_header(),
+            ],
             b"",
         )
     if outcome.verdict is Verdict.ALLOW:
-        headers = responses.upstream_identity(decision) + responses.rate_limit_headers(decision)
+        headers = [
+            *responses.upstream_identity(decision),
+            responses.request_id_header(),
+            *responses.rate_limit_headers(decision),
+        ]
         return 200, headers, b""
     status, headers, body = responses.denial_parts(decision, outcome.model)
     return status, [*headers, ("x-extauthz-body", body.decode())], body
 
 
 class HttpEndpoint:
-    def __init__(self, metrics: Metrics, ready: Callable[[], bool], decider: Decider) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+        decider: Decider,
+        *,
+        uri_header: str = "x-original-uri",
+    ) -> None:
         self.metrics = metrics
         self.ready = ready
         self.decider = decider
+        self.uri_header = uri_header
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -119,15 +135,23 @@ class HttpEndpoint:
                 generate_latest(self.metrics.registry),
             )
         if path == "/auth":
-            original = headers.get("x-original-uri") or headers.get("x-original-url") or "/"
-            outcome = await self.decider.decide(
-                original,
-                headers,
-                lambda: model_from_headers(headers),
-                method=headers.get("x-original-method", "GET"),
-            )
-            return auth_answer(outcome)
+            return await self.auth(headers)
         return 404, text, b"not found\n"
+
+    async def auth(self, headers: dict[str, str]) -> Answer:
+        try:
+            original = original_uri(headers, self.uri_header)
+        except AmbiguousUri as exc:
+            status, extra, body = responses.bad_request_parts(str(exc))
+            return status, [*extra, ("x-extauthz-body", body.decode())], body
+        outcome = await self.decider.decide(
+            original,
+            headers,
+            lambda: model_from_headers(headers),
+            # no method named: not a public GET (nginx.conf always names it)
+            method=headers.get("x-original-method", ""),
+        )
+        return auth_answer(outcome)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
         return await asyncio.start_server(

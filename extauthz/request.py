@@ -1,19 +1,22 @@
-"""What a request carries that the decision needs: the key and the model.
+"""What a request carries that the decision needs: the key, the model, whether it is public.
 
 Pure functions over lower-cased headers and body bytes, shared by the Envoy Check and
-the nginx /auth endpoint.
+the nginx /auth endpoint. Anything two parsers could read two ways is UNREADABLE.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from keys.keygen import ParsedKey, parse_key
-from keys.model import NO_BODY, UNREADABLE, RequestedModel
+from keys.model import NO_BODY, UNREADABLE, BodyModel, RequestedModel
 
 KEY_HEADERS = ("authorization", "x-api-key", "api-key")
 PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
+# The integration guide's load balancer picks the model from this header too.
+PREFERRED_MODEL_HEADER = "x-preferred-model"
 MAX_MODEL_CHARS = 256
 
 
@@ -38,9 +41,14 @@ def presented_key(headers: Mapping[str, str]) -> ParsedKey | None:
 
 
 def requested_model(body: bytes, headers: Mapping[str, str]) -> RequestedModel:
-    """The model the upstream will read from the body (last `"model"` wins, as in Python's
-    json). A body we cannot read completely never names a model: a truncated body could
-    hide a second `"model"` after the cut."""
+    """The model the upstream will read: the body's (last `"model"` wins, as in Python's
+    json), checked against `x-preferred-model` when the client sends one."""
+    return _with_preferred(_body_model(body, headers), headers)
+
+
+def _body_model(body: bytes, headers: Mapping[str, str]) -> RequestedModel:
+    """A body we cannot read completely, or one another parser could read differently,
+    never names a model: a truncated body could hide a second `"model"` after the cut."""
     if headers.get(PARTIAL_BODY_HEADER, "").lower() == "true":
         return UNREADABLE
     if not body:
@@ -49,16 +57,43 @@ def requested_model(body: bytes, headers: Mapping[str, str]) -> RequestedModel:
         if declared not in ("", "0") or "transfer-encoding" in headers:
             return UNREADABLE
         return NO_BODY
+    if not _json_content_type(headers.get("content-type")):
+        return UNREADABLE  # a form parser would read `model=...` from the same bytes
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
         return UNREADABLE
     if not isinstance(document, dict):
         return UNREADABLE
+    if any(k != "model" and k.casefold() == "model" for k in document):
+        return UNREADABLE  # Go's encoding/json matches "Model" to a `model` field
     model = document.get("model")
     if not isinstance(model, str):
         return UNREADABLE
     return _named(model)
+
+
+def _json_content_type(value: str | None) -> bool:
+    """No content type: JSON if it parses (what OpenAI clients imply). Otherwise only
+    `application/json` or `application/*+json`, parameters allowed."""
+    if value is None:
+        return True
+    media = value.partition(";")[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _with_preferred(model: RequestedModel, headers: Mapping[str, str]) -> RequestedModel:
+    """`x-preferred-model` is a second model claim, checked like the body's: alone it is
+    the model; naming another model than the body makes the request UNREADABLE (only
+    keys allowed every model pass)."""
+    preferred = headers.get(PREFERRED_MODEL_HEADER)
+    if preferred is None:
+        return model
+    claimed = _named(preferred.strip())
+    if model.kind is BodyModel.NO_BODY or model == claimed:
+        return claimed
+    return UNREADABLE
 
 
 def _named(model: str) -> RequestedModel:
@@ -72,14 +107,56 @@ def _named(model: str) -> RequestedModel:
 
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Set by deploy/nginx/nginx.conf from the client's request: the subrequest has no body.
+ORIGINAL_LENGTH_HEADER = "x-original-content-length"
+ORIGINAL_TRANSFER_ENCODING_HEADER = "x-original-transfer-encoding"
 
 
 def model_from_headers(headers: Mapping[str, str]) -> RequestedModel:
     """nginx sends no body to an auth subrequest: the model comes from `x-model` (which
-    the model check then trusts), and a body-carrying method without it counts as a body
-    with no readable model."""
+    the model check then trusts). Without it, a request that carries a body (any method:
+    a GET's body is read by some upstreams) counts as a body with no readable model."""
     model = headers.get("x-model")
     if model is not None:
-        return _named(model.strip())
+        return _with_preferred(_named(model.strip()), headers)
     method = headers.get("x-original-method", "GET").upper()
-    return UNREADABLE if method in BODY_METHODS else NO_BODY
+    length = headers.get(ORIGINAL_LENGTH_HEADER, "").strip()
+    has_body = (
+        method in BODY_METHODS
+        or length not in ("", "0")
+        or bool(headers.get(ORIGINAL_TRANSFER_ENCODING_HEADER, "").strip())
+    )
+    return _with_preferred(UNREADABLE if has_body else NO_BODY, headers)
+
+
+class AmbiguousUri(ValueError):
+    """Two original-URI headers name different paths: which one nginx routed is unknown."""
+
+
+ORIGINAL_URI_HEADERS = ("x-original-uri", "x-original-url")
+
+
+def original_uri(headers: Mapping[str, str], trusted: str) -> str:
+    """The client's path and query as the front end saw them, from the ONE header the
+    operator names (a client can send the other). Both present and disagreeing on the
+    path: AmbiguousUri."""
+    paths = {
+        _path_of(headers[name]) for name in (trusted, *ORIGINAL_URI_HEADERS) if name in headers
+    }
+    if len(paths) > 1:
+        raise AmbiguousUri("x-original-uri and x-original-url name different paths")
+    return _target_of(headers.get(trusted, "/"))
+
+
+def _target_of(value: str) -> str:
+    """`/p?q` as is; an absolute URL (ingress-nginx's X-Original-URL) reduced to `/p?q`."""
+    value = value.strip()
+    if value.startswith("/"):
+        return value
+    parts = urlsplit(value)
+    target = parts.path or "/"
+    return f"{target}?{parts.query}" if parts.query else target
+
+
+def _path_of(value: str) -> str:
+    return _target_of(value).partition("?")[0]

@@ -7,6 +7,7 @@ RPC error (Envoy would turn that into a bare status with no body).
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -22,6 +23,8 @@ from keys.model import Decision, Reason, RequestedModel, WindowCount
 UNLIMITED = "unlimited"
 VIRTUAL_KEY_HEADER_PREFIX = "x-virtual-key-"
 UNVERIFIED_HEADER = "x-virtual-key-unverified"
+# Names the allowed request for ReportUsage: fresh per request, never client-chosen.
+REQUEST_ID_HEADER = "x-virtual-key-request-id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,21 @@ def error_body(reason: Reason, message: str, error_type: str) -> bytes:
     return json.dumps(
         {"error": {"message": message, "type": error_type, "param": None, "code": reason.value}}
     ).encode()
+
+
+def bad_request_parts(message: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    """A request too ambiguous to decide on (400): OpenAI-shaped like every denial."""
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "ambiguous_request",
+            }
+        }
+    ).encode()
+    return 400, [("content-type", "application/json")], body
 
 
 def denial_parts(
@@ -134,6 +152,11 @@ def _window(window: WindowCount) -> tuple[str, str, str]:
     return str(window.limit), str(left if left > 0 else 0), f"{-(-window.reset_ms // 1000)}s"
 
 
+def request_id_header() -> tuple[str, str]:
+    """128 random bits in hex: the id the load balancer reports usage under."""
+    return REQUEST_ID_HEADER, secrets.token_hex(16)
+
+
 def upstream_identity(decision: Decision) -> list[tuple[str, str]]:
     headers = [
         ("x-virtual-key-id", decision.key_id),
@@ -158,12 +181,16 @@ def _options(headers: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOpt
     ]
 
 
+def _poses_as_identity(name: str) -> bool:
+    """`x_virtual_key_team_id` is `X-Virtual-Key-Team-Id` to a WSGI/CGI server."""
+    return name.lower().replace("_", "-").startswith(VIRTUAL_KEY_HEADER_PREFIX)
+
+
 def _strip_client_identity(client_headers: Iterable[str], keep: Iterable[str] = ()) -> list[str]:
-    """Client-sent x-virtual-key-* headers we do not overwrite, plus the client's key."""
+    """Client-sent x-virtual-key-* headers (or look-alikes) we do not overwrite, plus the
+    client's key."""
     kept = set(keep)
-    spoofed = [
-        h for h in client_headers if h.startswith(VIRTUAL_KEY_HEADER_PREFIX) and h not in kept
-    ]
+    spoofed = [h for h in client_headers if _poses_as_identity(h) and h not in kept]
     return ["authorization", "x-api-key", "api-key", *spoofed]
 
 
@@ -171,18 +198,20 @@ def _strip_client_identity(client_headers: Iterable[str], keep: Iterable[str] = 
 
 
 def envoy_allow(decision: Decision, client_headers: Iterable[str]) -> bytes:
-    """Identity upstream, client key removed, rate-limit headers to the client."""
+    """Identity and a fresh request id upstream, client key removed, rate-limit headers
+    to the client."""
     upstream = upstream_identity(decision)
     return wire.ok_check_response(
         upstream,
-        _strip_client_identity(client_headers, (k for k, _ in upstream)),
+        _strip_client_identity(client_headers, (REQUEST_ID_HEADER, *(k for k, _ in upstream))),
         rate_limit_headers(decision),
+        fresh=[request_id_header()],
     )
 
 
 def envoy_allow_public(client_headers: Iterable[str]) -> bytes:
     """A public path: no key needed; still, nothing client-sent may pose as our identity."""
-    removed = [h for h in client_headers if h.startswith(VIRTUAL_KEY_HEADER_PREFIX)]
+    removed = [h for h in client_headers if _poses_as_identity(h)]
     return wire.ok_check_response([], removed, [])
 
 
@@ -190,7 +219,10 @@ def envoy_allow_unverified(key_id: str, client_headers: Iterable[str]) -> bytes:
     """Fail-open while Redis is down: the claimed key id passes, marked as unverified."""
     upstream = [("x-virtual-key-id", key_id), (UNVERIFIED_HEADER, "true")]
     return wire.ok_check_response(
-        upstream, _strip_client_identity(client_headers, (k for k, _ in upstream)), []
+        upstream,
+        _strip_client_identity(client_headers, (REQUEST_ID_HEADER, *(k for k, _ in upstream))),
+        [],
+        fresh=[request_id_header()],
     )
 
 

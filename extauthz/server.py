@@ -105,9 +105,9 @@ async def serve(settings: Settings) -> None:
         else None
     )
     try:
-        http = await HttpEndpoint(metrics, lambda: watch.ready, decider).start(
-            settings.bind, settings.http_port, reuse_port=settings.reuse_port
-        )
+        http = await HttpEndpoint(
+            metrics, lambda: watch.ready, decider, uri_header=settings.auth_uri_header
+        ).start(settings.bind, settings.http_port, reuse_port=settings.reuse_port)
     except OSError as exc:
         await server.stop(0)
         raise PortInUse(

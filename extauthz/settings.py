@@ -50,6 +50,13 @@ def text(name: str, raw: str) -> str:
     return raw
 
 
+def header_name(name: str, raw: str) -> str:
+    lowered = raw.strip().lower()
+    if not lowered or not all(c.isalnum() or c in "-_" for c in lowered):
+        raise SettingsError(f"{name}={raw!r}: expected an HTTP header name")
+    return lowered
+
+
 def upper(name: str, raw: str) -> str:
     return raw.upper()
 
@@ -109,6 +116,13 @@ VARIABLES: tuple[Variable, ...] = (
         "/healthz,/metrics",
         paths,
         "paths that need no key (GET and HEAD only)",
+    ),
+    Variable(
+        "EXTAUTHZ_AUTH_URI_HEADER",
+        "auth_uri_header",
+        "x-original-uri",
+        header_name,
+        "the one header nginx's /auth reads the original URI from (ingress-nginx: x-original-url)",
     ),
     Variable("EXTAUTHZ_PRICES", "prices_path", "", text, "YAML/JSON price table"),
     Variable("EXTAUTHZ_TLS_CERT", "tls_cert", "", text, "gRPC TLS certificate (PEM)"),
@@ -198,6 +212,7 @@ class Settings:
     usage_token: str
     fail_open: bool
     public_paths: frozenset[str]
+    auth_uri_header: str
     prices_path: str
     tls_cert: str
     tls_key: str

@@ -58,12 +58,16 @@ def ok_check_response(
     upstream: Iterable[tuple[str, str]],
     remove: Iterable[str],
     client: Iterable[tuple[str, str]],
+    *,
+    fresh: Iterable[tuple[str, str]] = (),
 ) -> bytes:
     """CheckResponse{status: OK, ok_response: OkHttpResponse{headers (2),
-    headers_to_remove (5), response_headers_to_add (6)}}, serialized."""
+    headers_to_remove (5), response_headers_to_add (6)}}, serialized. `fresh` are more
+    upstream headers whose values never repeat (a request id): not worth caching."""
     body = b"".join(
         [
             *[_option_field(2, k, v) for k, v in upstream],
+            *[_field(2, header_option(k, v)) for k, v in fresh],
             *[_string_field(5, name) for name in remove],
             *[_option_field(6, k, v) for k, v in client],
         ]

@@ -77,7 +77,15 @@ CLIENT_ERRORS = {
 KEY_HEADERS = ("authorization", "x-api-key", "api-key")
 PARTIAL = "x-envoy-auth-partial-body"
 # Headers whose presence changes the decision on purpose; junk headers never use them.
-MEANINGFUL = {*KEY_HEADERS, PARTIAL, "content-length", "transfer-encoding"}
+MEANINGFUL = {
+    *KEY_HEADERS,
+    PARTIAL,
+    "content-length",
+    "transfer-encoding",
+    "content-type",
+    "x-preferred-model",
+    ":method",
+}
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 ALNUM = string.ascii_letters + string.digits
 UTF8 = st.characters(codec="utf-8")  # every code point protobuf strings can carry
@@ -434,12 +442,16 @@ bodies = weighted(
 
 
 def python_reads_gpt4(body: bytes) -> bool:
-    """The oracle: does the upstream (Python's json, last key wins) read model "gpt-4"?"""
+    """The oracle: does the upstream (Python's json, last key wins) read model "gpt-4", and
+    would a case-insensitive parser (Go's encoding/json) find no other "Model"?"""
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
         return False
-    return isinstance(document, dict) and document.get("model") == "gpt-4"
+    if not isinstance(document, dict):
+        return False
+    ambiguous = any(k != "model" and k.casefold() == "model" for k in document)
+    return not ambiguous and document.get("model") == "gpt-4"
 
 
 # --- Check: keys ------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ def test_fail_open_allows_and_marks_the_request(own_redis: RedisServer, tmp_path
         reply = clients.check({"authorization": f"Bearer {key}"}, chat_body())
         assert reply.status.code == 0
         upstream = {h.header.key: h.header.value for h in reply.ok_response.headers}
+        assert len(upstream.pop("x-virtual-key-request-id")) == 32  # usage still reportable
         assert upstream == {"x-virtual-key-id": data.id, "x-virtual-key-unverified": "true"}
         assert "authorization" in reply.ok_response.headers_to_remove
         # fail-open is for the store only: a missing key is still refused

@@ -74,12 +74,17 @@ bodies = st.one_of(
 
 def oracle(body: bytes) -> RequestedModel:
     """SPEC: the model is what Python's json reads as the body's last "model", when it is
-    a usable name (the stored allow-list is newline-framed, names are bounded)."""
+    a usable name (the stored allow-list is newline-framed, names are bounded) and no
+    other top-level key is "model" to a case-insensitive parser."""
     if not body:
         return NO_BODY
     try:
         document: Any = json.loads(body)
     except (ValueError, RecursionError):
+        return UNREADABLE
+    if isinstance(document, dict) and any(
+        k != "model" and k.casefold() == "model" for k in document
+    ):
         return UNREADABLE
     model = document.get("model") if isinstance(document, dict) else None
     if not isinstance(model, str) or not model or len(model) > MAX_MODEL_CHARS or "\n" in model:

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
 
 from extauthz import responses
 from keys.model import Decision, LimitHit, Reason, RequestedModel, WindowCount
@@ -46,3 +49,36 @@ def test_model_denial_names_the_model_json_escaped() -> None:
         Decision(Reason.MODEL_NOT_ALLOWED), RequestedModel.named('gpt-"4"')
     )
     assert '"gpt-\\"4\\""' in json.loads(body)["error"]["message"]
+
+
+def _allow(client_headers: list[str]) -> external_auth_pb2.CheckResponse:
+    raw = responses.envoy_allow(Decision(Reason.OK, "0123456789abcdef", "u1"), client_headers)
+    return external_auth_pb2.CheckResponse.FromString(raw)
+
+
+def test_allow_sends_a_fresh_128_bit_request_id_upstream() -> None:
+    ids = [
+        {o.header.key: o.header.value for o in _allow([]).ok_response.headers}[
+            responses.REQUEST_ID_HEADER
+        ]
+        for _ in range(2)
+    ]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and ids[0] != ids[1]
+
+
+def test_allow_overwrites_a_client_sent_request_id() -> None:
+    reply = _allow([responses.REQUEST_ID_HEADER])
+    set_ids = [o for o in reply.ok_response.headers if o.header.key == responses.REQUEST_ID_HEADER]
+    assert set_ids[0].append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+@pytest.mark.parametrize("name", ["x_virtual_key_team_id", "X_Virtual-Key_Admin"])
+def test_allow_removes_underscored_identity_look_alikes(name: str) -> None:
+    assert name in _allow([name, "x_other"]).ok_response.headers_to_remove
+    assert "x_other" not in _allow([name, "x_other"]).ok_response.headers_to_remove
+
+
+def test_public_allow_removes_underscored_identity_look_alikes() -> None:
+    raw = responses.envoy_allow_public(["x_virtual_key_id"])
+    removed = external_auth_pb2.CheckResponse.FromString(raw).ok_response.headers_to_remove
+    assert list(removed) == ["x_virtual_key_id"]
