@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print("extauthz: --workers must be at least 1", file=sys.stderr)
         return 2
     if args.workers > 1 and "EXTAUTHZ_WORKER_INDEX" not in os.environ:
-        return run_workers(args.workers, settings.journal_dir)
+        return run_workers(args.workers)
     configure(settings.log_level)
     try:
         uvloop.run(serve(settings))  # libuv's loop: measurably cheaper per call than asyncio's
