@@ -48,6 +48,12 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 async def serve(settings: Settings) -> None:
+    # first: an unusable journal directory stops the start before anything else is built
+    journal = (
+        UsageJournal(Path(settings.journal_dir), settings.journal_max_bytes)
+        if settings.journal_dir
+        else None
+    )
     prices = PriceTable.load(settings.prices_path) if settings.prices_path else PriceTable.builtin()
     redis = key_store.connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
     pipelined = key_store.connect_pipelined(settings.redis_url, timeout_s=settings.redis_timeout_s)
@@ -65,11 +71,6 @@ async def serve(settings: Settings) -> None:
     server = grpc.aio.server()
     AuthorizationServicer(decider).add_to_server(server)
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(store, settings), server)
-    journal = (
-        UsageJournal(Path(settings.journal_dir), settings.journal_max_bytes)
-        if settings.journal_dir
-        else None
-    )
     keys_pb2_grpc.add_UsageServiceServicer_to_server(
         UsageService(store, settings, prices, metrics, journal), server
     )
