@@ -96,31 +96,33 @@ class UsageJournal:
     def adopt(self) -> int:
         """Moves here the journals of processes that died (and of the single-owner layout
         of earlier versions); returns how many reports came with them. Blocking."""
+        moved = 0
         with contextlib.suppress(OSError), _locked(self.root / LOCK) as free:
             if free:  # no server of an earlier version owns the top level
-                self._take(_journal_files(self.root), self.root)
+                moved += self._take(_journal_files(self.root), self.root)
         for entry in sorted(self.root.iterdir()):
             if entry == self.directory or entry.name.startswith(".") or not entry.is_dir():
                 continue
             with contextlib.suppress(OSError), _locked(entry / LOCK) as free:
                 if free:  # its owner is gone
-                    self._take(_journal_files(entry), entry)
+                    moved += self._take(_journal_files(entry), entry)
                     for leftover in (*entry.glob("*.tmp"), entry / LOCK):
                         leftover.unlink(missing_ok=True)
                     entry.rmdir()
-        return self._recount()
+        return self._recount() if moved else 0
 
-    def _take(self, files: list[Path], source: Path) -> None:
+    def _take(self, files: list[Path], source: Path) -> int:
         """Renames another owner's files into this subdirectory (under that owner's lock,
         so no other adopter can take them too)."""
         if not files:
-            return
+            return 0
         with self._write_lock:
             for path in files:
                 path.rename(self._segment_name())
         _fsync_dir(self.directory)
         _fsync_dir(source)
         log.warning("adopted a journal left by a stopped process", extra={"files": len(files)})
+        return len(files)
 
     def _recount(self) -> int:
         with self._write_lock:
