@@ -1,4 +1,5 @@
-"""Charges the usage journal (keys/journal.py) once Redis answers again."""
+"""Charges the usage journal (keys/journal.py) once Redis answers again, with the journals
+of stopped processes that shared its directory."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ async def replay_forever(
     interval_s: float = 1.0,
 ) -> None:
     while True:
+        if watch.redis_ok:
+            try:  # journals of processes that died, on this host or a shared volume
+                await journal.adopt_async()
+            except Exception:
+                log.exception("adopting stopped processes' journals failed")
         if journal.pending and watch.redis_ok:
             try:
                 replayed = await journal.replay(store.report_usage)

@@ -29,7 +29,7 @@ from extauthz.settings import Settings, SettingsError, help_table
 from extauthz.usage import UsageService
 from extauthz.workers import run_workers
 from keys.connection import RedisBridge, redacted
-from keys.journal import JournalBusy, UsageJournal
+from keys.journal import JournalUnusable, UsageJournal
 from keys.pricing import PriceTable
 from keys.store import KeyStore
 from keys.v1 import keys_pb2, keys_pb2_grpc
@@ -50,6 +50,12 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 async def serve(settings: Settings) -> None:
+    # first: an unusable journal directory stops the start before anything else is built
+    journal = (
+        UsageJournal(Path(settings.journal_dir), settings.journal_max_bytes)
+        if settings.journal_dir
+        else None
+    )
     prices = PriceTable.load(settings.prices_path) if settings.prices_path else PriceTable.builtin()
     redis = RedisBridge.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
     store = KeyStore(
@@ -67,11 +73,6 @@ async def serve(settings: Settings) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)])
     AuthorizationServicer(decider).add_to_server(server)
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(store, settings), server)
-    journal = (
-        UsageJournal(Path(settings.journal_dir), settings.journal_max_bytes)
-        if settings.journal_dir
-        else None
-    )
     keys_pb2_grpc.add_UsageServiceServicer_to_server(
         UsageService(store, settings, prices, metrics, journal), server
     )
@@ -191,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         print("extauthz: --workers must be at least 1", file=sys.stderr)
         return 2
     if workers > 1:
-        return run_workers(workers, settings.journal_dir)
+        return run_workers(workers)
     configure(settings.log_level)
     try:
         uvloop.run(serve(settings))  # libuv's loop: measurably cheaper per call than asyncio's
-    except (JournalBusy, PortInUse) as exc:
+    except (JournalUnusable, PortInUse) as exc:
         print(f"extauthz: {exc}", file=sys.stderr)
         return 2
     return 0

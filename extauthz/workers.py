@@ -2,7 +2,8 @@
 
 One Python process is bound to one core; with SO_REUSEPORT (grpc's default on Linux, and
 set on the HTTP socket) the kernel spreads connections over the workers. Every limit stays
-exact, since all state is in Redis. Each worker gets its own journal directory.
+exact, since all state is in Redis. The workers share the journal directory: each writes
+in its own subdirectory of it (keys/journal.py).
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import FrameType
 
 
-def run_workers(count: int, journal_dir: str) -> int:
+def run_workers(count: int) -> int:
     """Starts `count` workers, forwards SIGTERM/SIGINT, and exits when they all have
     (non-zero if any failed). A worker that dies is not replaced: the supervisor exits
     so the orchestrator (Kubernetes, systemd) restarts the whole set."""
@@ -29,8 +29,6 @@ def run_workers(count: int, journal_dir: str) -> int:
             EXTAUTHZ_WORKERS="1",
             EXTAUTHZ_REUSE_PORT="true",  # the workers share the ports on purpose
         )
-        if journal_dir:
-            env["EXTAUTHZ_JOURNAL_DIR"] = str(Path(journal_dir) / f"worker-{index}")
         children.append(
             subprocess.Popen([sys.executable, "-m", "extauthz.server", "serve"], env=env)
         )

@@ -190,19 +190,6 @@ def _closed_under_us(exc: Exception) -> bool:
 
 
 @asynccontextmanager
-async def _translated() -> AsyncIterator[None]:
-    """The one place redis-py's exceptions become domain errors."""
-    try:
-        yield
-    except (RedisError, RedisClusterException) as exc:
-        # RedisClusterException (no reachable seed, slots not covered, ...) is not a
-        # RedisError; ClusterDownError, MovedError and the like are.
-        raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
-    except (OSError, RedisReplyError) as exc:  # the pipelined connection's errors
-        raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
-
-
-@asynccontextmanager
 async def translated() -> AsyncIterator[None]:
     """The one place Redis client exceptions become domain errors."""
     try:
@@ -231,13 +218,7 @@ class PipelinedScripts:
         self.connection = connection
 
     async def run(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
-        try:
-            return await self.connection.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except RedisReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-        # after a Redis restart: EVAL runs it and caches it again
-        return await self.connection.call("EVAL", script.text, len(keys), *keys, *args)
+        return await self.connection.run_script(script, keys, args)
 
     async def aclose(self) -> None:
         await self.connection.aclose()

@@ -1,14 +1,16 @@
 """Price table: USD per 1M input / output tokens per model, and cost from token counts.
 
-A model is found by exact name, else by the longest table name that prefixes it at a
-`-` boundary (`gpt-4o-2024-08-06` -> `gpt-4o`), else by a `default` entry. With none,
-pricing fails: usage is never silently priced at $0.
+A model is priced by its exact entry, an alias that entry lists, or a dated snapshot of
+either (`gpt-4o-2024-08-06`, `gpt-4-0613`); else by a `default` entry. Nothing else: a
+prefix is not a snapshot (`o1-pro` is not `o1`). With no entry, pricing fails: usage is
+never silently priced at $0, nor at a cheaper model's price.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
@@ -19,6 +21,11 @@ from keys.errors import InvalidArgument
 
 DEFAULT_ENTRY = "default"
 _NANOS_PER_USD_PER_MTOK = Decimal(1000)  # USD per 1M tokens -> nano-USD per token
+# A snapshot suffix: `-YYYY-MM-DD` (OpenAI since 2024) or `-MMDD` (`gpt-4-0613`).
+_MONTH = r"(?:0[1-9]|1[0-2])"
+_DAY = r"(?:0[1-9]|[12]\d|3[01])"
+_SNAPSHOT = re.compile(rf"(?P<base>.+)-(?:20\d\d-{_MONTH}-{_DAY}|{_MONTH}{_DAY})")
+_SHOWN_MODEL_CHARS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +40,18 @@ BUILTIN_PRICES: Mapping[str, tuple[str, str]] = {
     "gpt-4-32k": ("60", "120"),
     "gpt-4-turbo": ("10", "30"),
     "gpt-4o": ("2.5", "10"),
+    "gpt-4o-2024-05-13": ("5", "15"),  # the first gpt-4o snapshot kept its launch price
     "gpt-4o-mini": ("0.15", "0.6"),
     "gpt-4.1": ("2", "8"),
     "gpt-4.1-mini": ("0.4", "1.6"),
     "gpt-4.1-nano": ("0.1", "0.4"),
     "gpt-3.5-turbo": ("0.5", "1.5"),
+    "gpt-3.5-turbo-1106": ("1", "2"),
     "o1": ("15", "60"),
+    "o1-pro": ("150", "600"),
     "o1-mini": ("1.1", "4.4"),
     "o3": ("2", "8"),
+    "o3-pro": ("20", "80"),
     "o3-mini": ("1.1", "4.4"),
     "o4-mini": ("1.1", "4.4"),
     "text-embedding-3-small": ("0.02", "0"),
@@ -54,25 +65,54 @@ BUILTIN_PRICES: Mapping[str, tuple[str, str]] = {
     "claude-3-5-haiku": ("0.8", "4"),
 }
 
+# Other names the providers serve the same model (at the same price) under.
+BUILTIN_ALIASES: Mapping[str, Sequence[str]] = {
+    "gpt-4-turbo": ("gpt-4-turbo-preview", "gpt-4-1106-preview", "gpt-4-0125-preview"),
+    "o1": ("o1-preview",),
+    "claude-3-opus": ("claude-3-opus-20240229", "claude-3-opus-latest"),
+    "claude-3-5-sonnet": (
+        "claude-3-5-sonnet-20240620",
+        "claude-3-5-sonnet-20241022",
+        "claude-3-5-sonnet-latest",
+    ),
+    "claude-3-7-sonnet": ("claude-3-7-sonnet-20250219", "claude-3-7-sonnet-latest"),
+    "claude-sonnet-4": ("claude-sonnet-4-20250514", "claude-sonnet-4-0"),
+    "claude-opus-4": ("claude-opus-4-20250514", "claude-opus-4-0"),
+    "claude-3-haiku": ("claude-3-haiku-20240307",),
+    "claude-3-5-haiku": ("claude-3-5-haiku-20241022", "claude-3-5-haiku-latest"),
+}
+
 
 class PriceTable:
-    def __init__(self, prices: Mapping[str, Price]) -> None:
+    def __init__(
+        self, prices: Mapping[str, Price], aliases: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
         self._prices = dict(prices)
-        # longest first, so the most specific prefix wins
-        self._by_length = sorted(self._prices, key=len, reverse=True)
+        # every name that prices a model -> its entry (an entry names itself)
+        self._names = {name: name for name in self._prices}
+        for entry, names in (aliases or {}).items():
+            if entry not in self._prices:
+                raise ValueError(f"aliases for {_shown(entry)}, which has no price")
+            for alias in names:
+                if self._names.setdefault(alias, entry) != entry:
+                    raise ValueError(f"{_shown(alias)} names two price entries")
 
     @classmethod
     def builtin(cls) -> PriceTable:
-        return cls({m: Price(Decimal(i), Decimal(o)) for m, (i, o) in BUILTIN_PRICES.items()})
+        prices = {m: Price(Decimal(i), Decimal(o)) for m, (i, o) in BUILTIN_PRICES.items()}
+        return cls(prices, BUILTIN_ALIASES)
 
     @classmethod
     def load(cls, path: str | Path) -> PriceTable:
-        """A YAML or JSON mapping: `model: {input: <USD/1M>, output: <USD/1M>}`."""
+        """A YAML or JSON mapping:
+        `model: {input: <USD/1M>, output: <USD/1M>, aliases: [other names]}` (aliases optional).
+        """
         text = Path(path).read_text()
         raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
         if not isinstance(raw, dict) or not raw:
             raise ValueError(f"price table {path}: expected a non-empty mapping of models")
         prices: dict[str, Price] = {}
+        aliases: dict[str, list[str]] = {}
         for model, entry in raw.items():
             if not isinstance(entry, dict) or {"input", "output"} - entry.keys():
                 raise ValueError(f"price table {path}: {model!r} needs input and output")
@@ -80,24 +120,32 @@ class PriceTable:
             if price.input_per_mtok < 0 or price.output_per_mtok < 0:
                 raise ValueError(f"price table {path}: {model!r} has a negative price")
             prices[str(model)] = price
-        return cls(prices)
+            names = entry.get("aliases", [])
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"price table {path}: {model!r} aliases must be a list of names")
+            aliases[str(model)] = names
+        try:
+            return cls(prices, aliases)
+        except ValueError as exc:
+            raise ValueError(f"price table {path}: {exc}") from None
 
     def lookup(self, model: str) -> Price | None:
         entry = self.entry(model)
         return None if entry is None else self._prices[entry]
 
     def entry(self, model: str) -> str | None:
-        """The table entry that prices `model` (its own name, a prefix, or `default`)."""
-        if model in self._prices:
-            return model
-        for name in self._by_length:
-            if name != DEFAULT_ENTRY and model.startswith(name + "-"):
-                return name
+        """The table entry that prices `model`: its own, an alias's, a dated snapshot's of
+        either, or `default`."""
+        entry = self._names.get(model)
+        if entry is None and (snapshot := _SNAPSHOT.fullmatch(model)):
+            entry = self._names.get(snapshot["base"])
+        if entry is not None and entry != DEFAULT_ENTRY:
+            return entry
         return DEFAULT_ENTRY if DEFAULT_ENTRY in self._prices else None
 
     def label(self, model: str) -> str:
         """A metric label for `model`: the table entry that prices it, so clients choosing
-        model strings cannot create label values (`gpt-4-x` counts as `gpt-4`); `other`
+        model strings cannot create label values (`gpt-4-0613` counts as `gpt-4`); `other`
         for what only the `default` entry or nothing prices."""
         entry = self.entry(model)
         return "other" if entry is None or entry == DEFAULT_ENTRY else entry
@@ -106,13 +154,20 @@ class PriceTable:
         price = self.lookup(model)
         if price is None:
             raise InvalidArgument(
-                f"no price for model {model!r}: send cost, or add it (or a 'default' entry) "
-                "to the price table"
+                f"no price for model {_shown(model)}: send cost, or add it (or a 'default' "
+                "entry) to the price table"
             )
         nanos = (
             prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok
         ) * _NANOS_PER_USD_PER_MTOK
         return int(nanos.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def _shown(model: str) -> str:
+    """A client-chosen name, bounded and escaped for an error message."""
+    if len(model) <= _SHOWN_MODEL_CHARS:
+        return repr(model)
+    return repr(model[:_SHOWN_MODEL_CHARS]) + "..."
 
 
 def _decimal(value: object) -> Decimal:

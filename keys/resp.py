@@ -5,7 +5,9 @@ concurrency that bookkeeping costs several times the Redis round trip itself. He
 connection carries every in-flight call: commands are written as they come, replies
 (parsed by hiredis) resolve futures in FIFO order — Redis answers a connection's commands
 in the order it received them. A call that times out drops the connection (its state is
-unknown), failing every call still waiting on it; the next call reconnects.
+unknown), failing every call still waiting on it; the next call reconnects. A timeout means
+Redis did not answer: the clock starts when the command is written, and a deadline noticed
+late (the event loop was blocked) is checked again after the loop has read the socket.
 
 Single-node Redis only (plain, AUTH, SELECT, TLS); a Redis Cluster uses redis-py.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import math
 import ssl
 from collections import deque
 from collections.abc import Sequence
@@ -24,7 +26,11 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 
+from keys.scripts import Script
+
 Arg = str | int | bytes
+# After a deadline passes, how long the loop gets to read what is already in the socket.
+_RECHECK_S = 0.001
 
 
 class RedisReplyError(Exception):
@@ -64,6 +70,17 @@ def encode(args: Sequence[Arg]) -> bytes:
     return b"".join(out)
 
 
+class _Call:
+    """A command in flight: its reply's future, and when Redis has to have answered."""
+
+    __slots__ = ("deadline", "future", "rechecked")
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
+        self.deadline = math.inf  # set once the command is written
+        self.rechecked = False
+
+
 class _Protocol(asyncio.Protocol):
     """One connection: commands written in batches, replies resolved in order.
 
@@ -75,7 +92,7 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, timeout_s: float) -> None:
         self.reader = hiredis.Reader(notEnoughData=Ellipsis, encoding="utf-8", errors="replace")
         self.timeout_s = timeout_s
-        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.pending: deque[_Call] = deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.loop = asyncio.get_running_loop()
@@ -89,7 +106,7 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not Ellipsis:
-            future, _ = self.pending.popleft()
+            future = self.pending.popleft().future
             if not future.done():
                 future.set_result(reply)
 
@@ -102,7 +119,7 @@ class _Protocol(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         while self.pending:
-            future, _ = self.pending.popleft()
+            future = self.pending.popleft().future
             if not future.done():
                 future.set_exception(error)
 
@@ -110,27 +127,41 @@ class _Protocol(asyncio.Protocol):
         if self.closed or self.transport is None:
             raise ConnectionError("redis connection closed")
         future: asyncio.Future[Any] = self.loop.create_future()
-        deadline = self.loop.time() + self.timeout_s
-        self.pending.append((future, deadline))
+        self.pending.append(_Call(future))
         if not self._out:
             self.loop.call_soon(self._flush)
         self._out.append(payload)
-        if self._timer is None:
-            self._timer = self.loop.call_at(deadline, self._watch)
         return future
 
     def _flush(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(b"".join(self._out))
+        if self.transport is None or self.closed:
+            self._out.clear()
+            return
+        self.transport.write(b"".join(self._out))
+        # the batch is the newest calls; Redis's time starts now, not when they were queued
+        deadline = self.loop.time() + self.timeout_s
+        for index in range(len(self.pending) - len(self._out), len(self.pending)):
+            self.pending[index].deadline = deadline
         self._out.clear()
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._watch)
 
     def _watch(self) -> None:
         self._timer = None
         if not self.pending:
             return
-        _, deadline = self.pending[0]
-        if deadline > self.loop.time():
-            self._timer = self.loop.call_at(deadline, self._watch)
+        oldest, now = self.pending[0], self.loop.time()
+        if oldest.deadline == math.inf:
+            return  # not written yet: _flush arms the timer
+        if oldest.deadline > now:
+            self._timer = self.loop.call_at(oldest.deadline, self._watch)
+            return
+        if not oldest.rechecked:
+            # The reply may be in the socket, unread: after a blocked loop, a timer can run
+            # before the loop reads its sockets (libuv runs timers first). Look again once
+            # the loop has polled them; fail only if the reply is still missing then.
+            oldest.rechecked = True
+            self._timer = self.loop.call_at(now + _RECHECK_S, self._watch)
             return
         self._fail(TimeoutError("redis did not answer in time"))
         if self.transport is not None:
@@ -200,13 +231,3 @@ class PipelinedRedis:
             with contextlib.suppress(Exception):
                 await asyncio.sleep(0)
         self._protocol = None
-
-
-class Script:
-    """A Lua script and its SHA1, the id Redis caches it under."""
-
-    __slots__ = ("sha", "text")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 (not for security)

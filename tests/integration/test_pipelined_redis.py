@@ -4,23 +4,74 @@ replies line up under concurrency, timeouts and restarts, and scripts survive a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 
 from devstack.processes import RedisServer
 from keys import keygen
 from keys.connection import RedisBridge
 from keys.errors import StoreUnavailable
 from keys.model import KeySpec, RequestedModel
-from keys.resp import PipelinedRedis, Script
+from keys.resp import Arg, PipelinedRedis
+from keys.scripts import Script
 from keys.store import KeyStore
 
 pytestmark = pytest.mark.integration
-ECHO = Script("return ARGV[1]")
+ECHO = Script("echo", "return ARGV[1]")
+# Answers ARGV[2] after ARGV[1] microseconds of work.
+SLOW = Script(
+    "slow",
+    "local function now() local t = redis.call('TIME') return t[1] * 1e6 + t[2] end "
+    "local start = now() while now() - start < tonumber(ARGV[1]) do end return ARGV[2]",
+)
+# The server runs on uvloop, whose timers run before it reads sockets; test both loops.
+LOOPS = pytest.mark.parametrize(
+    "new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
+
+
+def run_on(
+    new_loop: Callable[[], asyncio.AbstractEventLoop], main: Coroutine[Any, Any, Any]
+) -> Any:
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        return runner.run(main)
+
+
+@contextlib.contextmanager
+def loop_blocker(seconds: float) -> Iterator[Callable[[], None]]:
+    """A function that makes the running loop block for `seconds` in a socket callback,
+    as a slow callback would, once the loop next polls its sockets."""
+    loop = asyncio.get_running_loop()
+    wake, ring = socket.socketpair()
+
+    def on_readable() -> None:
+        wake.recv(1)
+        time.sleep(seconds)
+
+    loop.add_reader(wake.fileno(), on_readable)
+    try:
+        yield lambda: ring.sendall(b"!")
+    finally:
+        loop.remove_reader(wake.fileno())
+        wake.close()
+        ring.close()
+
+
+async def written(pipe: PipelinedRedis, script: Script, *args: Arg) -> asyncio.Future[Any]:
+    """Starts a script call and returns once its command is queued, then written."""
+    call = asyncio.ensure_future(pipe.run_script(script, [], args))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    return call
 
 
 @pytest.fixture
@@ -95,3 +146,45 @@ async def test_database_number_from_the_url_is_selected(redis_url: str) -> None:
     assert key is not None
     assert (await store.check(key, RequestedModel.named("gpt-4"))).allowed
     await redis.aclose()
+
+
+@LOOPS
+def test_a_blocked_event_loop_does_not_fail_a_call_redis_answered(
+    redis_url: str, new_loop: Callable[[], asyncio.AbstractEventLoop]
+) -> None:
+    async def main() -> str:
+        pipe = PipelinedRedis(redis_url, timeout_s=0.2)
+        try:
+            await pipe.call("PING")
+            with loop_blocker(0.5) as block:
+                call = await written(pipe, SLOW, 50_000, "answered")
+                block()  # Redis answers while the loop is blocked past the deadline
+                return str(await call)
+        finally:
+            await pipe.aclose()
+
+    assert run_on(new_loop, main()) == "answered"
+
+
+@LOOPS
+def test_a_call_redis_never_answers_still_times_out_after_a_blocked_loop(
+    own_redis: RedisServer, new_loop: Callable[[], asyncio.AbstractEventLoop]
+) -> None:
+    assert own_redis.process is not None
+    pid = own_redis.process.proc.pid
+
+    async def main() -> None:
+        pipe = PipelinedRedis(own_redis.url, timeout_s=0.2)
+        try:
+            await pipe.call("PING")
+            os.kill(pid, signal.SIGSTOP)
+            with loop_blocker(0.5) as block:
+                call = await written(pipe, ECHO, "unanswered")
+                block()
+                with pytest.raises(TimeoutError):
+                    await call
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            await pipe.aclose()
+
+    run_on(new_loop, main())

@@ -111,6 +111,34 @@ def test_server_killed_during_an_outage_replays_its_journal_on_restart(
         second.close()
 
 
+def test_servers_sharing_a_journal_directory_start_and_replay_a_killed_ones_journal_once(
+    aof_redis: RedisServer, tmp_path: Path
+) -> None:
+    journal = str(tmp_path / "journal")
+    a = Node(aof_redis.url, tmp_path / "a", EXTAUTHZ_JOURNAL_DIR=journal)
+    b = Node(aof_redis.url, tmp_path / "b", EXTAUTHZ_JOURNAL_DIR=journal)
+    c = Node(aof_redis.url, tmp_path / "c", EXTAUTHZ_JOURNAL_DIR=journal)
+    try:
+        _, data = a.clients.create_key(max_budget=0)
+        aof_redis.stop()
+        costs = [0.125 * (i + 1) for i in range(20)]
+        for i, cost in enumerate(costs):
+            assert c.clients.report(data.id, f"c-{i}", cost=cost).queued
+        c.close(signal.SIGKILL)
+        aof_redis.start()
+        assert eventually(lambda: spent(a, data.id) == sum(costs), timeout=15)
+        assert eventually(lambda: journal_depth(a) == 0 and journal_depth(b) == 0)
+        assert spent(b, data.id) == sum(costs)
+        adopted = [
+            n.server.process.log_text().count("adopted a journal left by a stopped process")
+            for n in (a, b)
+        ]
+        assert sorted(adopted) == [0, 1]  # one of the live servers took it, once
+    finally:
+        a.close()
+        b.close()
+
+
 def test_full_journal_refuses_reports_and_loses_none_it_accepted(
     aof_redis: RedisServer, tmp_path: Path
 ) -> None:

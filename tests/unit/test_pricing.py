@@ -55,8 +55,77 @@ def test_bad_price_files_are_refused(tmp_path: Path, text: str) -> None:
 def test_metric_label_is_the_pricing_entry_never_the_client_string(tmp_path: Path) -> None:
     table = PriceTable.builtin()
     assert table.label("gpt-4") == "gpt-4"
-    assert table.label("gpt-4-attacker-chosen-123") == "gpt-4"
+    assert table.label("gpt-4-0613") == "gpt-4"
+    assert table.label("gpt-4-attacker-chosen-123") == "other"
     assert table.label("llama-local") == "other"
     path = tmp_path / "prices.yaml"
     path.write_text("default: {input: 1, output: 1}\n")
     assert PriceTable.load(path).label("anything") == "other"
+
+
+def test_a_longer_name_is_not_priced_as_its_prefix() -> None:
+    table = PriceTable.builtin()
+    assert table.cost_nanos("o1-pro", 1_000_000, 1_000_000) == 750_000_000_000
+    with pytest.raises(InvalidArgument, match="no price for model 'gpt-4o-ultra'"):
+        table.cost_nanos("gpt-4o-ultra", 10, 10)
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "entry"),
+    [
+        ("gpt-4-0613", "gpt-4"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("o1-pro-2025-03-19", "o1-pro"),
+        ("o1-preview-2024-09-12", "o1"),  # a snapshot of an alias
+        ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),  # an exact entry wins over the rule
+    ],
+)
+def test_dated_snapshots_price_as_their_entry(snapshot: str, entry: str) -> None:
+    assert PriceTable.builtin().entry(snapshot) == entry
+
+
+@pytest.mark.parametrize(
+    "model", ["gpt-4-1399", "gpt-4o-2024-13-01", "gpt-4o-20240806", "gpt-4-0613-x", "gpt-4-"]
+)
+def test_a_suffix_that_is_not_a_date_is_unpriced(model: str) -> None:
+    assert PriceTable.builtin().entry(model) is None
+
+
+def test_builtin_aliases_price_as_their_entry() -> None:
+    table = PriceTable.builtin()
+    assert table.entry("claude-3-5-sonnet-20241022") == "claude-3-5-sonnet"
+    assert table.entry("gpt-4-turbo-preview") == "gpt-4-turbo"
+    assert table.label("claude-sonnet-4-0") == "claude-sonnet-4"
+
+
+def test_aliases_in_a_price_file_price_as_their_entry(tmp_path: Path) -> None:
+    path = tmp_path / "prices.yaml"
+    path.write_text("mine: {input: 1, output: 2, aliases: [mine-latest, also-mine]}\n")
+    table = PriceTable.load(path)
+    assert table.cost_nanos("also-mine", 1_000_000, 0) == 1_000_000_000
+    assert table.entry("mine-latest-2025-01-31") == "mine"
+    assert table.label("mine-latest") == "mine"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: {input: 1, output: 1, aliases: x}",
+        "a: {input: 1, output: 1, aliases: [1]}",
+        "a: {input: 1, output: 1, aliases: [c]}\nb: {input: 2, output: 2, aliases: [c]}",
+        "a: {input: 1, output: 1, aliases: [b]}\nb: {input: 2, output: 2}",
+    ],
+)
+def test_bad_aliases_are_refused(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "prices.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError):
+        PriceTable.load(path)
+
+
+def test_unpriced_model_is_named_bounded_and_escaped() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        PriceTable.builtin().cost_nanos("x\n" + "y" * 500, 1, 1)
+    message = str(err.value)
+    assert "'x\\nyyy" in message and "\n" not in message
+    assert len(message) < 200
