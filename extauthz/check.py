@@ -12,7 +12,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from extauthz import responses
-from extauthz.decision import Decider, Verdict
+from extauthz.decision import Decider
 from extauthz.request import requested_model
 
 
@@ -70,10 +70,4 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             method=http.method,
             body_bytes=len(body),
         )
-        if outcome.verdict is Verdict.ALLOW:
-            return responses.envoy_allow(outcome.decision, headers)
-        if outcome.verdict is Verdict.PUBLIC:
-            return responses.envoy_allow_public(headers)
-        if outcome.verdict is Verdict.UNVERIFIED:
-            return responses.envoy_allow_unverified(outcome.decision.key_id, headers)
-        return responses.envoy_deny(outcome.decision, outcome.model)
+        return responses.envoy(outcome, headers)

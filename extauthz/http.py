@@ -15,7 +15,7 @@ from typing import Final
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from extauthz import responses
-from extauthz.decision import Decider, Outcome, Verdict
+from extauthz.decision import Decider
 from extauthz.metrics import Metrics
 from extauthz.request import AmbiguousUri, model_from_headers, original_uri
 
@@ -41,34 +41,6 @@ Answer = tuple[int, Headers, bytes]
 
 class BadRequest(Exception):
     pass
-
-
-def auth_answer(outcome: Outcome) -> Answer:
-    """What nginx's auth subrequest gets: 2xx to pass (with the identity headers nginx
-    copies upstream), else the same status, headers and JSON body as through Envoy. The
-    body also travels in `x-extauthz-body`, since nginx only keeps a subrequest's headers."""
-    decision = outcome.decision
-    if outcome.verdict is Verdict.PUBLIC:
-        return 200, [], b""
-    if outcome.verdict is Verdict.UNVERIFIED:
-        return (
-            200,
-            [
-                ("x-virtual-key-id", decision.key_id),
-                (responses.UNVERIFIED_HEADER, "true"),
-                responses.request_id_header(),
-            ],
-            b"",
-        )
-    if outcome.verdict is Verdict.ALLOW:
-        headers = [
-            *responses.upstream_identity(decision),
-            responses.request_id_header(),
-            *responses.rate_limit_headers(decision),
-        ]
-        return 200, headers, b""
-    status, headers, body = responses.denial_parts(decision, outcome.model)
-    return status, [*headers, ("x-extauthz-body", body.decode())], body
 
 
 class HttpEndpoint:
@@ -151,7 +123,7 @@ class HttpEndpoint:
             # no method named: not a public GET (nginx.conf always names it)
             method=headers.get("x-original-method", ""),
         )
-        return auth_answer(outcome)
+        return responses.nginx(outcome)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
         return await asyncio.start_server(

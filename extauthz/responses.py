@@ -1,7 +1,11 @@
-"""The only builders of CheckResponse and of denial bodies; one status table.
+"""How an `Outcome` (extauthz/decision.py) reaches Envoy and nginx.
 
-A denial is always a normal CheckResponse carrying an OpenAI-shaped JSON body, never an
-RPC error (Envoy would turn that into a bare status with no body).
+One builder for what an allow carries (`allowed`: headers upstream, headers to the
+client) and one for what a denial carries (`denial_parts`: status, headers, JSON body,
+from the one status table `DENIALS`); then two renderers, `envoy` (a CheckResponse) and
+`nginx` (the /auth subrequest's answer). A denial is always a normal CheckResponse
+carrying an OpenAI-shaped JSON body, never an RPC error (Envoy would turn that into a
+bare status with no body).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from extauthz import wire
-from keys.model import Decision, Reason, RequestedModel, WindowCount
+from extauthz.decision import Outcome, Verdict
+from keys.model import Decision, LimitHit, Reason, RequestedModel, WindowCount
 
 UNLIMITED = "unlimited"
 VIRTUAL_KEY_HEADER_PREFIX = "x-virtual-key-"
@@ -100,10 +105,9 @@ def denial_parts(
     headers = [("content-type", "application/json")]
     fields: dict[str, object] = {}
     if decision.reason is Reason.RATE_LIMIT_EXCEEDED:
-        window = decision.rpm if decision.limit_hit == "rpm" else decision.tpm
         fields = {
-            "limit": window.limit,
-            "limit_kind": "requests" if decision.limit_hit == "rpm" else "tokens",
+            "limit": decision.denying_window.limit,
+            "limit_kind": "requests" if decision.limit_hit is LimitHit.RPM else "tokens",
             "retry_after": decision.retry_after_s,
         }
         headers.append(("retry-after", str(decision.retry_after_s)))
@@ -146,10 +150,9 @@ _UNLIMITED_WINDOW = (UNLIMITED, UNLIMITED, "0s")
 def _window(window: WindowCount) -> tuple[str, str, str]:
     """(limit, remaining, reset) as header values; reset in whole seconds rounded up, like
     Retry-After, in OpenAI's duration style."""
-    if not window.limit:
+    if window.remaining is None:
         return _UNLIMITED_WINDOW
-    left = window.limit - window.used
-    return str(window.limit), str(left if left > 0 else 0), f"{-(-window.reset_ms // 1000)}s"
+    return str(window.limit), str(window.remaining), f"{window.reset_s}s"
 
 
 def request_id_header() -> tuple[str, str]:
@@ -194,36 +197,52 @@ def _strip_client_identity(client_headers: Iterable[str], keep: Iterable[str] = 
     return ["authorization", "x-api-key", "api-key", *spoofed]
 
 
-# Every allow is serialized by extauthz/wire.py; denials use the protobuf API.
+@dataclass(frozen=True, slots=True)
+class Allowed:
+    """What an allowed request carries, whichever proxy asked."""
+
+    upstream: list[tuple[str, str]]  # added to the upstream request, replacing the client's
+    fresh: list[tuple[str, str]]  # upstream too, but new on every request (never cached)
+    client: list[tuple[str, str]]  # rate-limit headers to the client
+    public: bool = False  # no key: only identity look-alikes are stripped
 
 
-def envoy_allow(decision: Decision, client_headers: Iterable[str]) -> bytes:
-    """Identity and a fresh request id upstream, client key removed, rate-limit headers
-    to the client."""
-    upstream = upstream_identity(decision)
-    return wire.ok_check_response(
-        upstream,
-        _strip_client_identity(client_headers, (REQUEST_ID_HEADER, *(k for k, _ in upstream))),
-        rate_limit_headers(decision),
-        fresh=[request_id_header()],
-    )
+def allowed(outcome: Outcome) -> Allowed:
+    """The one builder for a request that passes (PUBLIC, ALLOW or fail-open)."""
+    decision = outcome.decision
+    if outcome.verdict is Verdict.PUBLIC:
+        return Allowed([], [], [], public=True)
+    if outcome.verdict is Verdict.UNVERIFIED:
+        # Redis is down: the claimed key id passes, marked as unverified
+        upstream = [("x-virtual-key-id", decision.key_id), (UNVERIFIED_HEADER, "true")]
+        return Allowed(upstream, [request_id_header()], [])
+    return Allowed(upstream_identity(decision), [request_id_header()], rate_limit_headers(decision))
 
 
-def envoy_allow_public(client_headers: Iterable[str]) -> bytes:
-    """A public path: no key needed; still, nothing client-sent may pose as our identity."""
-    removed = [h for h in client_headers if _poses_as_identity(h)]
-    return wire.ok_check_response([], removed, [])
+def envoy(
+    outcome: Outcome, client_headers: Iterable[str]
+) -> bytes | external_auth_pb2.CheckResponse:
+    """A CheckResponse: allows hand-encoded (extauthz/wire.py), denials as messages."""
+    if outcome.verdict is Verdict.DENY:
+        return envoy_deny(outcome.decision, outcome.model)
+    allow = allowed(outcome)
+    if allow.public:
+        removed = [h for h in client_headers if _poses_as_identity(h)]
+    else:
+        ours = (name for name, _ in (*allow.upstream, *allow.fresh))
+        removed = _strip_client_identity(client_headers, ours)
+    return wire.ok_check_response(allow.upstream, removed, allow.client, fresh=allow.fresh)
 
 
-def envoy_allow_unverified(key_id: str, client_headers: Iterable[str]) -> bytes:
-    """Fail-open while Redis is down: the claimed key id passes, marked as unverified."""
-    upstream = [("x-virtual-key-id", key_id), (UNVERIFIED_HEADER, "true")]
-    return wire.ok_check_response(
-        upstream,
-        _strip_client_identity(client_headers, (REQUEST_ID_HEADER, *(k for k, _ in upstream))),
-        [],
-        fresh=[request_id_header()],
-    )
+def nginx(outcome: Outcome) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The /auth subrequest's answer: 200 to pass, with the headers nginx copies upstream
+    and to the client, else the same status, headers and JSON body as through Envoy. The
+    body also travels in `x-extauthz-body`, since nginx keeps only a subrequest's headers."""
+    if outcome.verdict is Verdict.DENY:
+        status, headers, body = denial_parts(outcome.decision, outcome.model)
+        return status, [*headers, ("x-extauthz-body", body.decode())], body
+    allow = allowed(outcome)
+    return 200, [*allow.upstream, *allow.fresh, *allow.client], b""
 
 
 def envoy_deny(

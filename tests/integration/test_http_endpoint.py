@@ -1,0 +1,125 @@
+"""The HTTP port (extauthz/http.py) in process: real sockets, a real Redis behind /auth."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from extauthz.decision import Decider
+from extauthz.http import HttpEndpoint
+from extauthz.metrics import Metrics
+from keys.pricing import PriceTable
+from keys.store import KeyStore
+from tests.helpers import key_spec
+
+pytestmark = pytest.mark.integration
+
+
+class Reply:
+    def __init__(self, raw: bytes) -> None:
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        self.status = int(lines[0].split(" ")[1])
+        self.headers = dict(
+            (name.lower(), value.strip())
+            for name, _, value in (line.partition(":") for line in lines[1:])
+        )
+
+
+class Endpoint:
+    def __init__(self, port: int, ready: list[bool]) -> None:
+        self.port = port
+        self.ready = ready
+
+    async def send(self, raw: bytes) -> Reply:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(raw)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout=5)
+        writer.close()
+        return Reply(data)
+
+    async def get(self, path: str, **headers: str) -> Reply:
+        lines = [f"GET {path} HTTP/1.1", "host: x", "connection: close"]
+        lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+        return await self.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+
+@pytest.fixture
+async def endpoint(store: KeyStore) -> AsyncIterator[Endpoint]:
+    ready = [True]
+    decider = Decider(
+        store,
+        Metrics(),
+        PriceTable.builtin(),
+        public_paths=frozenset({"/healthz"}),
+        fail_open=False,
+    )
+    server = await HttpEndpoint(Metrics(), lambda: ready[0], decider).start("127.0.0.1", 0)
+    yield Endpoint(server.sockets[0].getsockname()[1], ready)
+    server.close()
+    await server.wait_closed()
+
+
+async def test_healthz_answers_ok(endpoint: Endpoint) -> None:
+    assert (await endpoint.get("/healthz")).status == 200
+
+
+async def test_readyz_follows_the_readiness_it_is_given(endpoint: Endpoint) -> None:
+    assert (await endpoint.get("/readyz")).status == 200
+    endpoint.ready[0] = False
+    assert (await endpoint.get("/readyz")).status == 503
+
+
+async def test_metrics_are_prometheus_text(endpoint: Endpoint) -> None:
+    reply = await endpoint.get("/metrics")
+    assert reply.status == 200 and reply.headers["content-type"].startswith("text/plain")
+
+
+async def test_auth_allows_a_key_and_returns_identity_headers(
+    endpoint: Endpoint, store: KeyStore
+) -> None:
+    full, key = await store.create(key_spec(team_id="t9"), "sk-mp")
+    reply = await endpoint.get(
+        "/auth",
+        authorization=f"Bearer {full}",
+        x_original_uri="/v1/chat/completions",
+        x_original_method="POST",
+        x_model="gpt-4",
+    )
+    assert reply.status == 200
+    assert reply.headers["x-virtual-key-id"] == key.id
+    assert reply.headers["x-virtual-key-team-id"] == "t9"
+    assert len(reply.headers["x-virtual-key-request-id"]) == 32
+
+
+async def test_auth_denial_carries_status_and_json_body_twice(endpoint: Endpoint) -> None:
+    reply = await endpoint.get(
+        "/auth", x_original_uri="/v1/chat/completions", x_original_method="POST"
+    )
+    assert reply.status == 401
+    assert json.loads(reply.body)["error"]["code"] == "invalid_api_key"
+    assert json.loads(reply.headers["x-extauthz-body"]) == json.loads(reply.body)
+
+
+async def test_unknown_path_is_404(endpoint: Endpoint) -> None:
+    assert (await endpoint.get("/nothing")).status == 404
+
+
+async def test_post_is_405(endpoint: Endpoint) -> None:
+    reply = await endpoint.send(
+        b"POST /healthz HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    assert reply.status == 405 and reply.headers["allow"] == "GET, HEAD"
+
+
+async def test_malformed_request_line_is_400(endpoint: Endpoint) -> None:
+    assert (await endpoint.send(b"GARBAGE\r\n\r\n")).status == 400
+
+
+async def test_head_has_no_body_but_the_length_of_one(endpoint: Endpoint) -> None:
+    reply = await endpoint.send(b"HEAD /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert reply.status == 200 and reply.body == b"" and reply.headers["content-length"] == "3"
