@@ -66,9 +66,10 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         self, request: keys_pb2.CreateKeyRequest, context: Context
     ) -> keys_pb2.CreateKeyResponse:
         user = await require_admin(context, self.settings)
-        owner = await owner_of_new_key(context, user, request.user_id)
+        sent = convert.new_key(request)
+        owner = await owner_of_new_key(context, user, sent.user_id)
         now = self.store.clock()
-        spec = convert.key_spec(request, self.settings, now, owner)
+        spec = convert.key_spec(sent, self.settings, now, owner)
         full_key, key = await self.store.create(spec, self.settings.key_prefix)
         self._audit(context, "key created", key.id, user_id=key.user_id)
         return keys_pb2.CreateKeyResponse(key=full_key, key_data=convert.key_data(key, now))

@@ -1,7 +1,7 @@
 """keys.v1 messages <-> domain values, both ways: the one place that knows both shapes.
 
 Requests become `validation.KeyFields` (typed proto fields, or the JSON object of a REST
-PATCH), so every field is checked by one rule in `keys.validation`.
+POST or PATCH), so every field is checked by one rule in `keys.validation`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from google.protobuf import json_format
@@ -98,20 +99,50 @@ def usage(summary: UsageSummary) -> keys_pb2.GetUsageResponse:
 # --- requests -> domain ------------------------------------------------------------------
 
 
-def key_spec(
-    request: keys_pb2.CreateKeyRequest, settings: Settings, now_ms: int, user_id: str
-) -> KeySpec:
-    """CreateKey: the fields sent, checked, and the environment's defaults for the rest."""
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A CreateKey request as sent, from either wire shape: the key's fields and the ids
+    it names (the owner is checked against `x-user-id` before the key is built)."""
+
+    fields: KeyFields
+    user_id: str = ""
+    team_id: str = ""
+
+
+def new_key(request: keys_pb2.CreateKeyRequest) -> NewKey:
+    """CreateKey's typed fields (gRPC) or `spec` (the REST body), never both."""
+    if request.spec.fields:  # Envoy sends an empty spec for an empty body
+        typed = [f.name for f, _ in request.ListFields() if f.name != "spec"]
+        if typed:
+            raise InvalidArgument(
+                f"send the key either in spec or as fields, not both (fields: {', '.join(typed)})"
+            )
+        return new_key_from_json(json_format.MessageToDict(request.spec))
     has = request.HasField
-    sent = KeyFields(
-        name=request.name,
-        allowed_models=list(request.allowed_models),
-        max_budget=request.max_budget if has("max_budget") else None,
-        tpm_limit=request.tpm_limit if has("tpm_limit") else None,
-        rpm_limit=request.rpm_limit if has("rpm_limit") else None,
-        expires_days=request.expires_days if has("expires_days") else settings.max_expires_days,
-        metadata=dict(request.metadata),
-        budget_duration=request.budget_duration,
+    return NewKey(
+        KeyFields(
+            name=request.name,
+            allowed_models=list(request.allowed_models),
+            max_budget=request.max_budget if has("max_budget") else None,
+            tpm_limit=request.tpm_limit if has("tpm_limit") else None,
+            rpm_limit=request.rpm_limit if has("rpm_limit") else None,
+            expires_days=request.expires_days if has("expires_days") else None,
+            metadata=dict(request.metadata),
+            budget_duration=request.budget_duration,
+        ),
+        user_id=request.user_id,
+        team_id=request.team_id,
+    )
+
+
+def key_spec(new: NewKey, settings: Settings, now_ms: int, user_id: str) -> KeySpec:
+    """CreateKey: the fields sent, checked, and the environment's defaults for the rest;
+    `user_id` is the owner `access.owner_of_new_key` settled on."""
+    f = new.fields
+    sent = replace(
+        f,
+        name=f.name or "",  # required: checked, so "name is required" when left out
+        expires_days=settings.max_expires_days if f.expires_days is None else f.expires_days,
     )
     c = validation.key_changes(sent, max_expires_days=settings.max_expires_days, now_ms=now_ms)
     assert c.name is not None and c.expires_at_ms is not None  # sent above, so checked
@@ -121,7 +152,7 @@ def key_spec(
             "user_id", user_id, required=True, max_chars=validation.MAX_ID_CHARS
         ),
         team_id=validation.text(
-            "team_id", request.team_id, required=False, max_chars=validation.MAX_ID_CHARS
+            "team_id", new.team_id, required=False, max_chars=validation.MAX_ID_CHARS
         ),
         expires_at_ms=c.expires_at_ms,
         allowed_models=c.allowed_models or (ALL_MODELS,),
@@ -187,15 +218,28 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-# proto3 JSON accepts lowerCamelCase names too (CreateKey does), so the patch does as well.
-_NAMES = {alias: n for n in CHANGEABLE_FIELDS + READ_ONLY_FIELDS for alias in (n, _camel(n))}
-
-
 def _quoted(names: list[str]) -> str:
     """Names the client sent, bounded, so an error never echoes unbounded input."""
     shown = ", ".join(json.dumps(n[:64]) for n in names[:_MAX_NAMED])
     more = len(names) - _MAX_NAMED
     return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _by_name(body: Mapping[str, object], known: tuple[str, ...], takes: str) -> dict[str, object]:
+    """The body's values under their proto names; an unknown name is an error naming it,
+    and so is a field sent under both of its names. lowerCamelCase names count, as in
+    proto3 JSON."""
+    aliases = {alias: n for n in known for alias in (n, _camel(n))}
+    unknown = sorted(k for k in body if k not in aliases)
+    if unknown:
+        raise InvalidArgument(f"unknown fields: {_quoted(unknown)}; {takes}: {', '.join(known)}")
+    fields: dict[str, object] = {}
+    for alias, value in body.items():
+        name = aliases[alias]
+        if name in fields:
+            raise InvalidArgument(f"{name} is sent twice")
+        fields[name] = value
+    return fields
 
 
 def key_fields_from_json(
@@ -205,18 +249,7 @@ def key_fields_from_json(
     Unknown fields and fields that cannot change are errors that name them. `metadata`
     merges into the key's current map (RFC 7396: an entry set to null is removed), so
     nothing is erased that the body does not name."""
-    unknown = sorted(k for k in body if k not in _NAMES)
-    if unknown:
-        raise InvalidArgument(
-            f"unknown fields: {_quoted(unknown)}; "
-            f"fields that can change: {', '.join(CHANGEABLE_FIELDS)}"
-        )
-    fields: dict[str, object] = {}
-    for alias, value in body.items():
-        name = _NAMES[alias]
-        if name in fields:
-            raise InvalidArgument(f"{name} is sent twice")
-        fields[name] = value
+    fields = _by_name(body, CHANGEABLE_FIELDS + READ_ONLY_FIELDS, "fields that can change")
     fixed = [n for n in fields if n in READ_ONLY_FIELDS]
     if fixed:
         hints = [f"{n}: {_HINTS[n]}" for n in fixed if n in _HINTS]
@@ -234,6 +267,21 @@ def key_fields_from_json(
                 merged[k] = v
         parsed["metadata"] = merged
     return KeyFields(**parsed)
+
+
+# What a new key takes: its changeable fields and the ids that place it.
+CREATE_FIELDS = ("name", "user_id", "team_id", *(n for n in CHANGEABLE_FIELDS if n != "name"))
+
+
+def new_key_from_json(body: Mapping[str, object]) -> NewKey:
+    """A REST POST body: the JSON shapes of CreateKeyRequest's fields, strictly. An unknown
+    field (a typo like `rpm_limitt`) is an error naming it, never a key whose limit quietly
+    took the default."""
+    fields = _by_name(body, CREATE_FIELDS, "fields a new key takes")
+    user_id = _string("user_id", fields.pop("user_id", ""))
+    team_id = _string("team_id", fields.pop("team_id", ""))
+    parsed = {n: _CREATE_TYPES.get(n, _JSON_TYPES[n])(n, v) for n, v in fields.items()}
+    return NewKey(KeyFields(**parsed), user_id=user_id, team_id=team_id)
 
 
 def _string(field: str, value: object) -> str:
@@ -271,6 +319,12 @@ def _metadata_patch(field: str, value: object) -> dict[str, str | None]:
     return {str(k): v for k, v in value.items()}
 
 
+def _metadata(field: str, value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise InvalidArgument(f'{field} must be an object of strings, like {{"env": "prod"}}')
+    return {str(k): v for k, v in value.items()}
+
+
 _JSON_TYPES: dict[str, Callable[[str, object], Any]] = {
     "name": _string,
     "allowed_models": _strings,
@@ -281,3 +335,5 @@ _JSON_TYPES: dict[str, Callable[[str, object], Any]] = {
     "metadata": _metadata_patch,
     "budget_duration": _string,
 }
+# A new key's map has nothing to merge into: a null entry is a wrong type, not a removal.
+_CREATE_TYPES: dict[str, Callable[[str, object], Any]] = {"metadata": _metadata}

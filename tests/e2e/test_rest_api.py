@@ -159,6 +159,65 @@ def test_invalid_body_is_400(envoy: Envoy, server: Server, change: dict[str, Any
     assert reply.json()["code"] == 3  # INVALID_ARGUMENT
 
 
+def keys_of(envoy: Envoy, server: Server, user: str) -> list[dict[str, Any]]:
+    reply = api(envoy, "GET", f"/api/keys?user_id={user}", server.admin_token, user=user)
+    assert reply.status == 200, reply.body
+    keys: list[dict[str, Any]] = reply.json().get("keys", [])
+    return keys
+
+
+def test_post_with_an_unknown_field_is_400_naming_it_and_creates_no_key(
+    envoy: Envoy, server: Server
+) -> None:
+    body = {"name": "k", "user_id": "typo_user", "rpm_limitt": 1}
+    reply = api(envoy, "POST", "/api/keys", server.admin_token, body, user="typo_user")
+    assert reply.status == 400
+    error = reply.json()
+    assert error["code"] == 3 and '"rpm_limitt"' in error["message"]
+    assert keys_of(envoy, server, "typo_user") == []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rpm_limit": "60"}, "rpm_limit must be a number"),
+        ({"team_id": None}, "team_id must be a string"),
+    ],
+    ids=["rpm-as-string", "null-team"],
+)
+def test_post_value_of_the_wrong_json_type_is_400_and_creates_no_key(
+    envoy: Envoy, server: Server, change: dict[str, Any], message: str
+) -> None:
+    body = {**GUIDE_BODY, "user_id": "type_user", "expires_days": MAX_DAYS, **change}
+    reply = api(envoy, "POST", "/api/keys", server.admin_token, body, user="type_user")
+    assert reply.status == 400
+    assert reply.json()["code"] == 3 and message in reply.json()["message"]
+    assert keys_of(envoy, server, "type_user") == []
+
+
+def test_post_creates_the_key_with_every_field_as_sent(envoy: Envoy, server: Server) -> None:
+    body = {
+        **GUIDE_BODY,
+        "expires_days": MAX_DAYS,
+        "team_id": "team_9",
+        "metadata": {"env": "prod"},
+        "budget_duration": "30d",
+    }
+    reply = api(envoy, "POST", "/api/keys", server.admin_token, body)
+    assert reply.status == 200, reply.body
+    data = reply.json()["key_data"]
+    sent_back = {k: data[k] for k in body if k != "expires_days"}
+    assert sent_back == {k: v for k, v in body.items() if k != "expires_days"}
+    lasts = datetime.fromisoformat(data["expires_at"]) - datetime.fromisoformat(data["created_at"])
+    assert round(lasts.total_seconds() / 86_400) == MAX_DAYS
+
+
+def test_post_for_another_user_than_x_user_id_is_403(envoy: Envoy, server: Server) -> None:
+    reply = api(envoy, "POST", "/api/keys", server.admin_token, {**GUIDE_BODY, "user_id": "u9"})
+    assert reply.status == 403
+    assert keys_of(envoy, server, "u9") == []
+
+
 @pytest.mark.parametrize("method", ["POST", "PATCH"])
 def test_malformed_json_is_400_in_the_apis_json_error_shape(
     envoy: Envoy, server: Server, method: str

@@ -77,6 +77,82 @@ def update_request(**typed: Any) -> keys_pb2.UpdateKeyRequest:
     return keys_pb2.UpdateKeyRequest(id="0123456789abcdef", **typed)
 
 
+def create_request(body: dict[str, Any]) -> keys_pb2.CreateKeyRequest:
+    """CreateKey as Envoy sends a REST POST: the JSON body in `spec`."""
+    spec = Struct()
+    spec.update(body)
+    return keys_pb2.CreateKeyRequest(spec=spec)
+
+
+def create_spec(request: keys_pb2.CreateKeyRequest) -> Any:
+    new = convert.new_key(request)
+    return convert.key_spec(new, SETTINGS, NOW, new.user_id or "u")
+
+
+EVERY_CREATE_FIELD: dict[str, Any] = {
+    "name": "n",
+    "user_id": "u",
+    "team_id": "t",
+    "expires_days": 30,
+    "allowed_models": ["gpt-4", "claude-3-opus"],
+    "max_budget": 2.5,
+    "tpm_limit": 1000,
+    "rpm_limit": 60,
+    "metadata": {"env": "prod"},
+    "budget_duration": "30d",
+}
+
+
+def test_create_from_spec_builds_the_key_the_typed_fields_build() -> None:
+    typed = keys_pb2.CreateKeyRequest(**EVERY_CREATE_FIELD)
+    assert create_spec(create_request(EVERY_CREATE_FIELD)) == create_spec(typed)
+
+
+def test_create_from_spec_takes_lower_camel_case_names_as_proto_json_does() -> None:
+    assert create_spec(create_request({"name": "n", "rpmLimit": 7, "userId": "v"})).rpm_limit == 7
+
+
+def test_create_with_an_unknown_field_names_it() -> None:
+    with pytest.raises(InvalidArgument, match='unknown fields: "rpm_limitt"; fields a new key'):
+        convert.new_key(create_request({"name": "n", "user_id": "u", "rpm_limitt": 1}))
+
+
+def test_create_error_never_echoes_unbounded_names() -> None:
+    names = {"x" * 10_000 + str(i): 1 for i in range(50)}
+    with pytest.raises(InvalidArgument) as err:
+        convert.new_key(create_request(names))
+    assert len(str(err.value)) < 1500 and "and 40 more" in str(err.value)
+
+
+def test_create_with_spec_and_typed_fields_together_is_refused() -> None:
+    request = create_request({"name": "n"})
+    request.rpm_limit = 5
+    with pytest.raises(InvalidArgument, match=r"not both \(fields: rpm_limit\)"):
+        convert.new_key(request)
+
+
+def test_create_from_spec_without_a_name_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="name is required"):
+        create_spec(create_request({"user_id": "u"}))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"allowed_models": "gpt-4"}, "allowed_models must be a list of strings"),
+        ({"rpm_limit": "60"}, "rpm_limit must be a number"),
+        ({"tpm_limit": 1.5}, "tpm_limit must be a whole number"),
+        ({"user_id": 7}, "user_id must be a string"),
+        ({"team_id": None}, "team_id must be a string"),
+        ({"metadata": {"env": None}}, "metadata must be an object of strings"),
+        ({"metadata": ["env"]}, "metadata must be an object of strings"),
+    ],
+)
+def test_create_value_of_the_wrong_json_type_is_refused(body: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        convert.new_key(create_request({"name": "n", **body}))
+
+
 def test_update_from_patch_leaves_unsent_fields_alone() -> None:
     body = Struct()
     body.update({"rpm_limit": 7})
@@ -110,18 +186,21 @@ def test_create_typed_update_and_patch_refuse_a_field_by_the_same_rule(
     for name, value in typed.items():
         setattr(create, name, value)
     with pytest.raises(InvalidArgument, match=message) as from_create:
-        convert.key_spec(create, SETTINGS, NOW, "u")
+        create_spec(create)
+    with pytest.raises(InvalidArgument) as from_spec:
+        create_spec(create_request({"name": "n", "user_id": "u", **typed}))
     with pytest.raises(InvalidArgument) as from_update:
         convert.key_update(update_request(**typed), SETTINGS, NOW, {})
     body = Struct()
     body.update(typed)
     with pytest.raises(InvalidArgument) as from_patch:
         convert.key_update(update_request(patch=body), SETTINGS, NOW, {})
+    assert str(from_create.value) == str(from_spec.value)
     assert str(from_create.value) == str(from_update.value) == str(from_patch.value)
 
 
 def test_create_fills_in_the_environment_defaults() -> None:
-    spec = convert.key_spec(keys_pb2.CreateKeyRequest(name="n"), SETTINGS, NOW, "u")
+    spec = create_spec(keys_pb2.CreateKeyRequest(name="n"))
     assert (spec.rpm_limit, spec.tpm_limit) == (SETTINGS.default_rpm, SETTINGS.default_tpm)
     assert spec.max_budget_nanos == SETTINGS.default_budget_nanos
     assert spec.expires_at_ms == NOW + 90 * 86_400_000 and spec.allowed_models == ("*",)
