@@ -38,3 +38,26 @@ def test_redis_url_is_built_from_the_guides_variables() -> None:
 def test_unusable_values_are_refused_naming_the_variable(env: dict[str, str], name: str) -> None:
     with pytest.raises(SettingsError, match=name):
         Settings.from_env(env)
+
+
+def test_interface_doc_lists_every_setting_with_its_default() -> None:
+    """docs/interface.md is the users' contract: a new setting must be documented there."""
+    from pathlib import Path
+
+    from extauthz.settings import VARIABLES
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "interface.md").read_text()
+    rows = {line.split("|")[1]: line for line in doc.splitlines() if line.startswith("| `")}
+    for variable in VARIABLES:
+        row = next((r for names, r in rows.items() if f"`{variable.env}`" in names), None)
+        assert row is not None, f"{variable.env} is not in docs/interface.md"
+        if variable.default:
+            assert f"`{variable.default}`" in row, f"{variable.env}'s default differs"
+
+
+def test_workers_and_reuse_port_are_settings() -> None:
+    s = Settings.from_env({"EXTAUTHZ_WORKERS": "3", "EXTAUTHZ_REUSE_PORT": "true"})
+    assert (s.workers, s.reuse_port) == (3, True)
+    assert Settings.from_env({}).reuse_port is False
+    with pytest.raises(SettingsError, match="EXTAUTHZ_WORKERS"):
+        Settings.from_env({"EXTAUTHZ_WORKERS": "0"})
