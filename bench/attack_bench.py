@@ -75,6 +75,11 @@ def _legit(port: int, key: str, seconds: float) -> tuple[list[float], int]:
 def _attack(port: int, seconds: float, body_file: Path) -> subprocess.Popen[bytes]:
     made_up = keygen.format_key("sk-mp", keygen.new_key_id(), keygen.new_secret())
     args = [
+        # the attackers are remote in life: here their load generator yields the CPU to
+        # the system under test (which still takes every request they send)
+        "nice",
+        "-n",
+        "19",
         load.h2load_binary(),
         "--h1",
         "-c",

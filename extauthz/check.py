@@ -15,6 +15,16 @@ from extauthz import responses
 from extauthz.decision import Decider
 from extauthz.request import requested_model
 
+PHASE_METADATA = "x-extauthz-phase"
+
+
+def _key_first(context: grpc.aio.ServicerContext[object, object]) -> bool:
+    """envoy.yaml's key_first filter sends `x-extauthz-phase: key` with its Check."""
+    for name, value in context.invocation_metadata() or ():
+        if name == PHASE_METADATA:
+            return value == "key"
+    return False
+
 
 def http_headers(http: external_auth_pb2.AttributeContext.HttpRequest) -> dict[str, str]:
     """Envoy sends `headers`, or `header_map` when configured with encode_raw_headers."""
@@ -62,12 +72,18 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     ) -> CheckReply:
         http = request.attributes.request.http
         headers = http_headers(http)
-        body = http.raw_body or http.body.encode()
+        if _key_first(context):
+            return responses.envoy(
+                await self.decider.verify_key(http.path, headers, method=http.method), headers
+            )
+        # Reading raw_body copies it (up to 1 MiB): `size` (the body's length, as Envoy
+        # buffered it) decides first whether the key is checked before the body is read.
+        size = http.size if http.size >= 0 else len(http.raw_body or http.body)
         outcome = await self.decider.decide(
             http.path,
             headers,
-            lambda: requested_model(body, headers),
+            lambda: requested_model(http.raw_body or http.body.encode(), headers),
             method=http.method,
-            body_bytes=len(body),
+            body_bytes=size,
         )
         return responses.envoy(outcome, headers)

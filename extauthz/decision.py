@@ -35,6 +35,7 @@ class Verdict(Enum):
     ALLOW = "allow"
     DENY = "deny"
     UNVERIFIED = "unverified"  # fail-open while Redis is unreachable
+    KEY_VERIFIED = "key_verified"  # the key-first phase passed; the full Check follows
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,34 @@ class Decider:
             return Outcome(Verdict.DENY, Decision(Reason.AUTH_UNAVAILABLE, key.key_id), model)
         verdict = Verdict.ALLOW if decision.allowed else Verdict.DENY
         return Outcome(verdict, decision, model)
+
+    async def verify_key(
+        self, path: str, headers: Mapping[str, str], *, method: str = "GET"
+    ) -> Outcome:
+        """The key-first phase (envoy.yaml's `key_first` filter, for requests whose body
+        may be large): the key's own steps only, before Envoy buffers the body. Counts
+        nothing; the full `decide` that follows counts the request."""
+        started = time.perf_counter()
+        outcome = await self._verify_key(path, headers, method)
+        self._observe(outcome, time.perf_counter() - started)
+        return outcome
+
+    async def _verify_key(self, path: str, headers: Mapping[str, str], method: str) -> Outcome:
+        if self.is_public(path, method):
+            return PUBLIC
+        key = presented_key(headers)
+        if key is None:
+            return NO_KEY
+        try:
+            reason = await self._timed("authenticate", self.store.authenticate(key))
+        except StoreUnavailable:
+            self.metrics.redis_errors.labels("check").inc()
+            if self.fail_open:  # the full Check decides, and marks, the request
+                return Outcome(Verdict.KEY_VERIFIED, Decision(Reason.OK, key.key_id))
+            return Outcome(Verdict.DENY, Decision(Reason.AUTH_UNAVAILABLE, key.key_id))
+        if reason is not Reason.OK:
+            return Outcome(Verdict.DENY, Decision(reason, key.key_id))
+        return Outcome(Verdict.KEY_VERIFIED, Decision(Reason.OK, key.key_id))
 
     async def _timed(self, op: str, call: Awaitable[T]) -> T:
         started = time.perf_counter()

@@ -225,6 +225,8 @@ def envoy(
     """A CheckResponse: allows hand-encoded (extauthz/wire.py), denials as messages."""
     if outcome.verdict is Verdict.DENY:
         return envoy_deny(outcome.decision, outcome.model)
+    if outcome.verdict is Verdict.KEY_VERIFIED:
+        return wire.ok_check_response([], [], [])  # nothing changes until the full Check
     allow = allowed(outcome)
     if allow.public:
         removed = [h for h in client_headers if _poses_as_identity(h)]

@@ -15,7 +15,7 @@ from devstack import processes as p
 from devstack.mock_upstream import MockUpstream
 from keys.connection import RedisBridge
 from keys.store import KeyStore
-from tests.helpers import Clients
+from tests.helpers import Clients, fetch
 
 # Known defaults, so tests can assert what CreateKey fills in.
 SERVER_DEFAULTS = {
@@ -102,6 +102,16 @@ def upstream(server: Server) -> Iterator[MockUpstream]:
 class Envoy:
     port: int
     process: p.Process
+    admin_port: int = 0
+
+    def stat(self, name: str) -> int:
+        """One counter from Envoy's admin /stats (0 until it first counts)."""
+        text = fetch(self.admin_port, "GET", f"/stats?filter=^{name}$").body.decode()
+        for line in text.splitlines():
+            stat, _, value = line.partition(": ")
+            if stat == name:
+                return int(value)
+        return 0
 
 
 def start_envoy(grpc_port: int, upstream_port: int, work_dir: Path) -> Envoy:
@@ -114,7 +124,7 @@ def start_envoy(grpc_port: int, upstream_port: int, work_dir: Path) -> Envoy:
     config = work_dir / f"envoy-{ports['listener']}.yaml"
     config.write_text(p.render_envoy_config(ports))
     process = p.start_envoy(config, ports["listener"], work_dir / f"envoy-{ports['listener']}.log")
-    return Envoy(ports["listener"], process)
+    return Envoy(ports["listener"], process, ports["admin"])
 
 
 @pytest.fixture(scope="session")

@@ -122,3 +122,36 @@ async def test_redis_down_denies_with_auth_unavailable_or_fails_open(clock: Manu
     assert opened.verdict is Verdict.UNVERIFIED
     assert opened.decision.key_id == keygen.parse_key(key).key_id  # type: ignore[union-attr]
     await dead.redis.aclose()
+
+
+async def test_key_first_phase_accepts_a_usable_key_and_counts_nothing(store: KeyStore) -> None:
+    full, key = await store.create(key_spec(rpm_limit=1), "sk-mp")
+    d = decider(store)
+    for _ in range(3):
+        outcome = await d.verify_key("/v1/chat/completions", bearer(full), method="POST")
+        assert outcome.verdict is Verdict.KEY_VERIFIED
+    assert (await store.get(key.id)).total_requests == 0
+    allowed = await d.decide("/v1/chat/completions", bearer(full), BodyReader(), method="POST")
+    assert allowed.verdict is Verdict.ALLOW  # the one request the RPM limit allows
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        ("made-up", Reason.INVALID_API_KEY),
+        ("revoked", Reason.KEY_REVOKED),
+        ("malformed", Reason.INVALID_API_KEY),
+    ],
+)
+async def test_key_first_phase_refuses_what_check_would(
+    store: KeyStore, make: str, reason: Reason
+) -> None:
+    full, key = await store.create(key_spec(), "sk-mp")
+    if make == "revoked":
+        await store.revoke(key.id)
+    elif make == "made-up":
+        full = keygen.format_key("sk-mp", keygen.new_key_id(), keygen.new_secret())
+    elif make == "malformed":
+        full = "sk-mp-nope"
+    outcome = await decider(store).verify_key("/v1/x", bearer(full), method="POST")
+    assert outcome.verdict is Verdict.DENY and outcome.decision.reason is reason
