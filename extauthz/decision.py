@@ -107,7 +107,11 @@ class Decider:
                 if reason is not Reason.OK:
                     return Outcome(Verdict.DENY, Decision(reason, key.key_id))
             model = model_of()
-            decision = await self._timed("check", self.store.check(key, model))
+            started = time.perf_counter()
+            try:
+                decision = await self.store.check(key, model)
+            finally:
+                self.metrics.redis_check_latency.observe(time.perf_counter() - started)
         except StoreUnavailable:
             self.metrics.redis_errors.labels("check").inc()
             if self.fail_open:
@@ -149,11 +153,7 @@ class Decider:
         try:
             return await call
         finally:
-            seconds = time.perf_counter() - started
-            if op == "check":
-                self.metrics.redis_check_latency.observe(seconds)
-            else:
-                self.metrics.redis_latency.labels(op).observe(seconds)
+            self.metrics.redis_latency.labels(op).observe(time.perf_counter() - started)
 
     def _observe(self, outcome: Outcome, seconds: float) -> None:
         decision = outcome.decision

@@ -189,17 +189,24 @@ def _closed_under_us(exc: Exception) -> bool:
     return "closed" in text  # uvloop: "unable to perform operation on <TCPTransport ...>"
 
 
+# RedisClusterException (no reachable seed, slots not covered, ...) is not a RedisError;
+# ClusterDownError, MovedError and the like are. OSError and RedisReplyError are the
+# pipelined connection's.
+REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError, RedisReplyError)
+
+
+def unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"redis: {type(exc).__name__}")
+
+
 @asynccontextmanager
 async def translated() -> AsyncIterator[None]:
-    """The one place Redis client exceptions become domain errors."""
+    """The one place Redis client exceptions become domain errors (the hot path's
+    `KeyStore._run` catches REDIS_ERRORS itself: a context manager costs a few us)."""
     try:
         yield
-    except (RedisError, RedisClusterException) as exc:
-        # RedisClusterException (no reachable seed, slots not covered, ...) is not a
-        # RedisError; ClusterDownError, MovedError and the like are.
-        raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
-    except (OSError, RedisReplyError) as exc:  # the pipelined connection's errors
-        raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+    except REDIS_ERRORS as exc:
+        raise unavailable(exc) from exc
 
 
 class ScriptRunner(Protocol):

@@ -17,7 +17,7 @@ from typing import Any
 
 from keys import keygen, keyspace, scripts
 from keys.budget import next_month_start_ms
-from keys.connection import Arg, RedisBridge, translated
+from keys.connection import REDIS_ERRORS, Arg, RedisBridge, translated, unavailable
 from keys.errors import InvalidArgument, NotFound, StoreUnavailable
 from keys.keygen import ParsedKey
 from keys.model import (
@@ -81,8 +81,10 @@ class KeyStore:
         self.usage_ttl_s = (usage_retention_days + 1) * 86_400
 
     async def _run(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
-        async with translated():
+        try:
             return await self.redis.scripts.run(script, keys, args)
+        except REDIS_ERRORS as exc:
+            raise unavailable(exc) from exc
 
     async def load_scripts(self) -> None:
         """Loads every script now (after a Redis restart, before going ready)."""
