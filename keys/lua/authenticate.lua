@@ -10,10 +10,9 @@ local digest = ARGV[1]
 local now = tonumber(ARGV[2])
 local f = redis.call('HMGET', KEYS[1], 'hash', 'prev_hash', 'prev_hash_until', 'status',
   'expires_at')
-local current = same_digest(digest, f[1] or NO_DIGEST)
-local previous = same_digest(digest, (f[2] ~= false and f[2] ~= '') and f[2] or NO_DIGEST)
-if f[1] == false or not (current or (previous and now < (tonumber(f[3]) or 0))) then
-  return {1}
+if not same_digest(digest, f[1] or NO_DIGEST) then  -- as in check.lua
+  local previous = same_digest(digest, (f[2] ~= false and f[2] ~= '') and f[2] or NO_DIGEST)
+  if f[1] == false or not (previous and now < (tonumber(f[3]) or 0)) then return {1} end
 end
 if f[4] ~= 'active' then return {2} end
 local expires_at = tonumber(f[5])

@@ -20,13 +20,13 @@ local window = tonumber(ARGV[5])
 local f = redis.call('HMGET', KEYS[1], 'hash', 'prev_hash', 'prev_hash_until', 'status',
   'expires_at', 'models', 'max_budget', 'spent', 'budget_reset_at', 'budget_period_ms',
   'rpm_limit', 'tpm_limit', 'win_start', 'win_requests', 'win_tokens', 'user_id', 'team_id')
--- Both comparisons always run, against a stand-in digest where the record (or its old
--- secret) is missing, so an unknown id costs what a wrong secret costs: the reply's
--- timing does not tell which ids exist. A rotated-out secret works until its grace ends.
-local current = same_digest(digest, f[1] or NO_DIGEST)
-local previous = same_digest(digest, (f[2] ~= false and f[2] ~= '') and f[2] or NO_DIGEST)
-if f[1] == false or not (current or (previous and now < (tonumber(f[3]) or 0))) then
-  return {1}
+-- A presented key that is not the current secret is compared once more, with the
+-- rotated-out secret (which works until its grace ends), or with a stand-in where the
+-- record or that secret is missing: an unknown id costs what a wrong secret costs, so
+-- the reply's timing does not tell which ids exist.
+if not same_digest(digest, f[1] or NO_DIGEST) then
+  local previous = same_digest(digest, (f[2] ~= false and f[2] ~= '') and f[2] or NO_DIGEST)
+  if f[1] == false or not (previous and now < (tonumber(f[3]) or 0)) then return {1} end
 end
 if f[4] ~= 'active' then return {2} end
 local expires_at = tonumber(f[5])
