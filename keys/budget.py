@@ -2,7 +2,7 @@
 
 `<N>h` and `<N>d` are periods of that length counted from when the duration was set;
 `1mo` is the calendar month in UTC. The check and usage scripts roll a period over in
-Redis (keys/lua/_budget.lua); this module computes the same boundaries in Python.
+Redis (keys/lua/_lib.lua); this module computes the same boundaries in Python.
 """
 
 from __future__ import annotations

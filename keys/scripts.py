@@ -29,8 +29,8 @@ def _lua(name: str) -> str:
 
 
 def _load(name: str, *, with_lib: bool = False) -> Script:
-    """`with_lib` prepends keys/lua/_budget.lua (roll_budget, same_digest)."""
-    return Script(name, (_lua("_budget") if with_lib else "") + _lua(name))
+    """`with_lib` prepends keys/lua/_lib.lua (roll_budget, same_digest)."""
+    return Script(name, (_lua("_lib") if with_lib else "") + _lua(name))
 
 
 CHECK: Final = _load("check", with_lib=True)

@@ -1,5 +1,5 @@
 -- Check one request against a key and, when it passes, count it. The whole hot path.
--- (keys/lua/_budget.lua is prepended: roll_budget, same_digest)
+-- (keys/lua/_lib.lua is prepended: key_state, roll_budget)
 -- KEYS[1]  the key's record hash, vk:{<id>}
 -- ARGV[1]  hex SHA-256 of the presented key
 -- ARGV[2]  now, ms since the epoch (the caller's clock)
@@ -20,17 +20,8 @@ local window = tonumber(ARGV[5])
 local f = redis.call('HMGET', KEYS[1], 'hash', 'prev_hash', 'prev_hash_until', 'status',
   'expires_at', 'models', 'max_budget', 'spent', 'budget_reset_at', 'budget_period_ms',
   'rpm_limit', 'tpm_limit', 'win_start', 'win_requests', 'win_tokens', 'user_id', 'team_id')
--- A presented key that is not the current secret is compared once more, with the
--- rotated-out secret (which works until its grace ends), or with a stand-in where the
--- record or that secret is missing: an unknown id costs what a wrong secret costs, so
--- the reply's timing does not tell which ids exist.
-if not same_digest(digest, f[1] or NO_DIGEST) then
-  local previous = same_digest(digest, (f[2] ~= false and f[2] ~= '') and f[2] or NO_DIGEST)
-  if f[1] == false or not (previous and now < (tonumber(f[3]) or 0)) then return {1} end
-end
-if f[4] ~= 'active' then return {2} end
-local expires_at = tonumber(f[5])
-if expires_at > 0 and now >= expires_at then return {3} end
+local state = key_state(digest, now, f)
+if state ~= 0 then return {state} end
 if f[6] ~= '*' and model_kind ~= '0' then
   if model_kind ~= '1' or not string.find(f[6], '\n' .. model .. '\n', 1, true) then
     return {4}

@@ -1,5 +1,5 @@
 -- Charge one completed request to a key, once per request id.
--- (keys/lua/_budget.lua is prepended: roll_budget)
+-- (keys/lua/_lib.lua is prepended: roll_budget)
 -- KEYS[1]  the key's record hash, vk:{<id>}
 -- KEYS[2]  the request's idempotency marker, vk:{<id>}:req:<request_id>
 -- KEYS[3]  the key's rollup for today, vk:{<id>}:usage:<yyyymmdd>

@@ -58,7 +58,7 @@ async def test_a_rotated_out_digest_is_checked_with_compare_digest(
     assert (keygen.digest(old), parsed.digest) in spy.calls
 
 
-# --- Lua: keys/lua/_budget.lua's same_digest, run by the real Redis ---------------------------
+# --- Lua: keys/lua/_lib.lua's same_digest, run by the real Redis ---------------------------
 
 # Counts string.byte calls inside same_digest: prepended, this local `string` shadows the
 # global one for the library that follows.
@@ -73,7 +73,7 @@ local string = setmetatable(
 @pytest.fixture
 def byte_reads(redis_url: str) -> Iterator[Callable[[str, str], tuple[bool, int]]]:
     """same_digest(a, b) on the real Redis: (its answer, how many bytes it read)."""
-    library = resources.files("keys").joinpath("lua", "_budget.lua").read_text()
+    library = resources.files("keys").joinpath("lua", "_lib.lua").read_text()
     client = redis.Redis.from_url(redis_url)
     script = client.register_script(
         BYTE_COUNTER + library + "\nreturn {same_digest(ARGV[1], ARGV[2]) and 1 or 0, reads}\n"

@@ -11,7 +11,7 @@ Admin and usage calls: wrong values of every type the proto lets through get OK 
 client error (INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED), never
 INTERNAL or UNKNOWN; a rejected call stores or charges nothing.
 
-The Lua half of the constant-time digest compare (`same_digest` in keys/lua/_budget.lua)
+The Lua half of the constant-time digest compare (`same_digest` in keys/lua/_lib.lua)
 runs here against the real Redis; the Python half and the design review of the Lua source
 are in tests/unit/test_constant_time.py.
 
@@ -1181,12 +1181,12 @@ def test_admin_calls_with_a_wrong_token_are_unauthenticated_and_store_nothing(
 def _budget_lua() -> str:
     from importlib import resources
 
-    return resources.files("keys").joinpath("lua", "_budget.lua").read_text()
+    return resources.files("keys").joinpath("lua", "_lib.lua").read_text()
 
 
 @pytest.fixture(scope="module")
 def same_digest(redis_url: str) -> Iterator[Callable[..., bool]]:
-    """keys/lua/_budget.lua's `same_digest`, called through EVAL on the real Redis."""
+    """keys/lua/_lib.lua's `same_digest`, called through EVAL on the real Redis."""
     client = redis.Redis.from_url(redis_url, decode_responses=False)
     script = client.register_script(
         _budget_lua() + "\nreturn same_digest(ARGV[1], ARGV[2]) and 1 or 0\n"

@@ -1,5 +1,5 @@
 """Secrets are compared in constant time: the admin/usage tokens in Python, key digests in
-Python (ValidateKey, self-service reads) and in Lua (every Check, keys/lua/_budget.lua).
+Python (ValidateKey, self-service reads) and in Lua (every Check, keys/lua/_lib.lua).
 
 Why digests and not secrets: Redis holds only the SHA-256 digest of each key (keys/keygen.py),
 so the check script compares the digest of the presented key with the stored one. Even a

@@ -1,4 +1,4 @@
--- Prepended to check.lua and report_usage.lua when they are loaded.
+-- Prepended to check.lua, authenticate.lua and report_usage.lua when they are loaded.
 -- roll_budget starts a new budget period once its reset time has passed: spent goes back
 -- to 0 and the reset moves to the next boundary (fixed periods step by their length;
 -- calendar months jump to next_month, the first instant of the next UTC month, which
@@ -29,3 +29,21 @@ local function same_digest(a, b)
   return diff == 0
 end
 
+
+-- The key's own steps of a Check, shared by check.lua and authenticate.lua:
+-- 0 usable, 1 unknown key or wrong secret, 2 revoked, 3 expired.
+-- f: the record's hash, prev_hash, prev_hash_until, status, expires_at (HMGET order).
+-- A presented key that is not the current secret is compared once more, with the
+-- rotated-out secret (which works until its grace ends), or with a stand-in where the
+-- record or that secret is missing: an unknown id costs what a wrong secret costs, so
+-- the reply's timing does not tell which ids exist.
+local function key_state(digest, now, f)
+  if not same_digest(digest, f[1] or NO_DIGEST) then
+    local previous = same_digest(digest, (f[2] ~= false and f[2] ~= '') and f[2] or NO_DIGEST)
+    if f[1] == false or not (previous and now < (tonumber(f[3]) or 0)) then return 1 end
+  end
+  if f[4] ~= 'active' then return 2 end
+  local expires_at = tonumber(f[5])
+  if expires_at > 0 and now >= expires_at then return 3 end
+  return 0
+end
