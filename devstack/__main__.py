@@ -37,8 +37,8 @@ def main() -> int:
         if redis.start_own:
             own = p.RedisServer(RUN_DIR / "redis", redis_target.DEFAULT_PORT, appendonly=True)
             started.append(own.start().running())
-        admin_token = os.environ.get("EXTAUTHZ_ADMIN_TOKEN") or secrets.token_urlsafe(24)
-        usage_token = os.environ.get("EXTAUTHZ_USAGE_TOKEN") or secrets.token_urlsafe(24)
+        admin_token = os.environ.get("EXTAUTHZ_ADMIN_TOKEN") or kept_token("admin-token")
+        usage_token = os.environ.get("EXTAUTHZ_USAGE_TOKEN") or kept_token("usage-token")
         server = p.start_extauthz(
             redis_url=redis.env.get("REDIS_URL"),  # None: the user's REDIS_* pass through
             log_path=RUN_DIR / "extauthz.log",
@@ -97,6 +97,20 @@ def ready(http_port: int) -> bool:
         return False
 
 
+def kept_token(name: str) -> str:
+    """A token generated on the first `make run` and kept in .run/<name> (mode 0600), so the
+    keys you made and the TOKEN you exported still work after a restart."""
+    path = RUN_DIR / name
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return token
+
+
 def banner(
     ports: Mapping[str, int],
     http_port: int,
@@ -117,7 +131,7 @@ def banner(
         f"\n{state}; extauthz gRPC on 127.0.0.1:{ports['extauthz']}, "
         f"HTTP on 127.0.0.1:{http_port}\n"
         f"Redis: {redis.described()}\n"
-        f"admin token: {admin_token}\n"
+        f"admin token: {admin_token} (kept in .run/admin-token; EXTAUTHZ_ADMIN_TOKEN sets one)\n"
         f"  export TOKEN={admin_token}\n"
         "logs in .run/ (Ctrl-C stops everything)\n"
     )

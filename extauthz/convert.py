@@ -181,7 +181,9 @@ def key_update(
             raise InvalidArgument(
                 f"send changes either in patch or as fields, not both (fields: {', '.join(typed)})"
             )
-        sent = key_fields_from_json(json_format.MessageToDict(request.patch), metadata)
+        sent = key_fields_from_json(
+            json_format.MessageToDict(request.patch), metadata, key_id=request.id
+        )
     else:
         sent = _typed_fields(request)
     change = validation.key_changes(sent, max_expires_days=settings.max_expires_days, now_ms=now_ms)
@@ -225,14 +227,20 @@ def _quoted(names: list[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _by_name(body: Mapping[str, object], known: tuple[str, ...], takes: str) -> dict[str, object]:
-    """The body's values under their proto names; an unknown name is an error naming it,
-    and so is a field sent under both of its names. lowerCamelCase names count, as in
-    proto3 JSON."""
+def _by_name(
+    body: Mapping[str, object],
+    known: tuple[str, ...],
+    takes: str,
+    offered: tuple[str, ...] | None = None,
+) -> dict[str, object]:
+    """The body's values under their proto names; an unknown name is an error naming it
+    (and listing `offered`, by default every known name), and so is a field sent under
+    both of its names. lowerCamelCase names count, as in proto3 JSON."""
     aliases = {alias: n for n in known for alias in (n, _camel(n))}
     unknown = sorted(k for k in body if k not in aliases)
     if unknown:
-        raise InvalidArgument(f"unknown fields: {_quoted(unknown)}; {takes}: {', '.join(known)}")
+        listed = ", ".join(known if offered is None else offered)
+        raise InvalidArgument(f"unknown fields: {_quoted(unknown)}; {takes}: {listed}")
     fields: dict[str, object] = {}
     for alias, value in body.items():
         name = aliases[alias]
@@ -243,13 +251,20 @@ def _by_name(body: Mapping[str, object], known: tuple[str, ...], takes: str) -> 
 
 
 def key_fields_from_json(
-    body: Mapping[str, object], metadata: Mapping[str, str] | None = None
+    body: Mapping[str, object], metadata: Mapping[str, str] | None = None, key_id: str = ""
 ) -> KeyFields:
     """A REST PATCH body: the JSON shapes CreateKey takes and GetKey returns, strictly.
-    Unknown fields and fields that cannot change are errors that name them. `metadata`
-    merges into the key's current map (RFC 7396: an entry set to null is removed), so
-    nothing is erased that the body does not name."""
-    fields = _by_name(body, CHANGEABLE_FIELDS + READ_ONLY_FIELDS, "fields that can change")
+    Unknown fields and fields that cannot change are errors that name them (`id` may be
+    sent if it is the key's own). `metadata` merges into the key's current map (RFC 7396:
+    an entry set to null is removed), so nothing is erased that the body does not name."""
+    fields = _by_name(
+        body,
+        CHANGEABLE_FIELDS + READ_ONLY_FIELDS,
+        "fields that can change",
+        offered=CHANGEABLE_FIELDS,
+    )
+    if key_id and fields.get("id") == key_id:
+        del fields["id"]  # a key's data sent back as GetKey returned it
     fixed = [n for n in fields if n in READ_ONLY_FIELDS]
     if fixed:
         hints = [f"{n}: {_HINTS[n]}" for n in fixed if n in _HINTS]

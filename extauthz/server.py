@@ -167,7 +167,10 @@ class PortInUse(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="extauthz", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="extauthz",
+        description="Envoy ext_authz / nginx auth_request server for virtual LLM API keys.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve_cmd = sub.add_parser(
         "serve",

@@ -26,6 +26,7 @@ Parse = Callable[[str, str], Any]
 
 def integer(low: int, high: int, scale: float = 1) -> Parse:
     def parse(name: str, raw: str) -> Any:
+        """a whole number"""
         try:
             value = int(raw)
         except ValueError:
@@ -34,6 +35,7 @@ def integer(low: int, high: int, scale: float = 1) -> Parse:
             raise SettingsError(f"{name}={value}: expected {low}..{high}")
         return value * scale if scale != 1 else value
 
+    parse.__doc__ = f"{low}..{high}"
     return parse
 
 
@@ -43,7 +45,7 @@ def boolean(name: str, raw: str) -> bool:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
-    raise SettingsError(f"{name}={raw!r}: expected true or false")
+    raise SettingsError(f"{name}={raw!r}: expected true or false (or 1/0, yes/no, on/off)")
 
 
 def text(name: str, raw: str) -> str:
@@ -69,6 +71,9 @@ def usd(name: str, raw: str) -> int:
     if not value.is_finite() or not 0 <= value <= MAX_USD:
         raise SettingsError(f"{name}={raw!r}: expected 0..{MAX_USD} USD")
     return usd_to_nanos(value)
+
+
+usd.__doc__ = f"0..{MAX_USD} USD"
 
 
 def paths(name: str, raw: str) -> frozenset[str]:
@@ -259,10 +264,18 @@ class Settings:
             )
 
 
+REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+
+
 def redis_url_from(env: Mapping[str, str]) -> str:
     """REDIS_URL, else the integration guide's REDIS_HOST / REDIS_PORT / REDIS_DB."""
     url = env.get("REDIS_URL", "").strip()
     if url:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme.lower() not in REDIS_SCHEMES or not rest.strip("/"):
+            raise SettingsError(
+                f"REDIS_URL: expected {', '.join(s + '://host:port' for s in REDIS_SCHEMES)}"
+            )
         return url
     host = env.get("REDIS_HOST", "").strip() or "localhost"
     port = integer(1, 65535)("REDIS_PORT", env.get("REDIS_PORT", "").strip() or "6379")
@@ -271,11 +284,12 @@ def redis_url_from(env: Mapping[str, str]) -> str:
 
 
 def help_table() -> str:
-    """The variables, their defaults and meaning, for `extauthz serve --help`."""
-    rows = [(v.env, v.default or "(none)", v.help) for v in VARIABLES]
-    rows += [(name, "", meaning) for name, meaning in REDIS_VARIABLES]
-    width = max(len(name) for name, _, _ in rows)
-    return "\n".join(
-        f"  {name:<{width}}  {meaning}" + (f" (default {default})" if default else "")
-        for name, default, meaning in rows
-    )
+    """The variables, their meaning, bounds and defaults, for `extauthz serve --help`."""
+    rows = []
+    for v in VARIABLES:
+        bounds = v.parse.__doc__ if v.parse.__doc__ and ".." in v.parse.__doc__ else ""
+        notes = [f"{bounds}" if bounds else "", f"default {v.default}" if v.default else "none"]
+        rows.append((v.env, f"{v.help} ({', '.join(n for n in notes if n)})"))
+    rows += list(REDIS_VARIABLES)
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {meaning}" for name, meaning in rows)

@@ -87,6 +87,12 @@ def rpc_message(err: grpc.RpcError, addr: str, server_answered: bool) -> str:
         details = f"cannot reach {addr}: {details}"
     elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
         details = f"no answer from {addr} in time: {details}"
+    elif code is grpc.StatusCode.UNAUTHENTICATED and "admin token" in details:
+        # the server's hint is for raw gRPC callers; say how vkeys takes the token
+        wrong = "wrong" in details
+        details = (
+            "the admin token is wrong" if wrong else "no admin token"
+        ) + "; set EXTAUTHZ_ADMIN_TOKEN or pass --token"
     return f"{code.name}: {details}"
 
 

@@ -191,7 +191,11 @@ def common_options(defaults: bool) -> argparse.ArgumentParser:
 
     parser.add_argument("--addr", default=default(None), help="server host:port (EXTAUTHZ_ADDR)")
     parser.add_argument("--token", default=default(None), help="admin token (EXTAUTHZ_ADMIN_TOKEN)")
-    parser.add_argument("--user", default=default(None), help="send x-user-id: scope to this user")
+    parser.add_argument(
+        "--user",
+        default=default(None),
+        help="act for this user only (sends x-user-id): other users' keys read as not found",
+    )
     parser.add_argument("--json", action="store_true", default=default(False), help="print JSON")
     parser.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT_S), help="seconds")
     parser.add_argument("--tls-ca", default=default(None), help="CA file: use TLS")
@@ -231,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     limit_options(create)
 
     ls = command("list", cmd_list, "list keys, oldest first")
-    ls.add_argument("--user-id", default="")
-    ls.add_argument("--team-id", default="")
+    ls.add_argument("--user-id", default="", help="only this user's keys")
+    ls.add_argument("--team-id", default="", help="only this team's keys")
     ls.add_argument("--status", default="", choices=["", "active", "revoked", "expired"])
     ls.add_argument("--page-size", type=int32, default=0, help="1..500 (default 50)")
     ls.add_argument("--page-token", default="")
@@ -261,10 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("key", nargs="?", help="the key; '-' or absent reads stdin")
 
     usage = command("usage", cmd_usage, "usage totals, a per-day chart and per-model table")
-    usage.add_argument("key_id", nargs="?")
-    usage.add_argument("--user-id", default="")
-    usage.add_argument("--team-id", default="")
-    usage.add_argument("--days", type=int32, default=30)
+    usage.add_argument("key_id", nargs="?", help="one key's usage")
+    usage.add_argument("--user-id", default="", help="every key the user ever had, instead")
+    usage.add_argument("--team-id", default="", help="every key the team ever had, instead")
+    usage.add_argument(
+        "--days", type=int32, default=30, help="UTC days back, today included (default 30)"
+    )
     usage.add_argument("--all-days", action="store_true", help="chart days without usage too")
     return parser
 

@@ -244,7 +244,13 @@ def test_user_flag_scopes_calls_to_that_user(server: Server) -> None:
 
 
 def test_wrong_token_is_a_one_line_unauthenticated(server: Server) -> None:
-    one_line_error(vkeys(server, "list", EXTAUTHZ_ADMIN_TOKEN="wrong"), "UNAUTHENTICATED")
+    line = one_line_error(vkeys(server, "list", EXTAUTHZ_ADMIN_TOKEN="wrong"), "UNAUTHENTICATED")
+    assert "the admin token is wrong; set EXTAUTHZ_ADMIN_TOKEN or pass --token" in line
+
+
+def test_missing_token_says_how_to_give_one(server: Server) -> None:
+    line = one_line_error(vkeys(server, "list", EXTAUTHZ_ADMIN_TOKEN=""), "UNAUTHENTICATED")
+    assert "no admin token; set EXTAUTHZ_ADMIN_TOKEN or pass --token" in line
 
 
 def test_token_flag_wins_over_the_environment(server: Server) -> None:

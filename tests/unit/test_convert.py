@@ -204,3 +204,18 @@ def test_create_fills_in_the_environment_defaults() -> None:
     assert (spec.rpm_limit, spec.tpm_limit) == (SETTINGS.default_rpm, SETTINGS.default_tpm)
     assert spec.max_budget_nanos == SETTINGS.default_budget_nanos
     assert spec.expires_at_ms == NOW + 90 * 86_400_000 and spec.allowed_models == ("*",)
+
+
+def test_patch_typo_lists_only_the_fields_that_can_change() -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        convert.key_fields_from_json({"rpm_limt": 30})
+    offered = str(raised.value).split("fields that can change: ")[1]
+    assert "rpm_limit" in offered
+    assert "user_id" not in offered and "spent" not in offered and "id," not in offered
+
+
+def test_patch_may_send_the_keys_own_id_back() -> None:
+    fields = convert.key_fields_from_json({"id": "a" * 16, "rpm_limit": 31}, key_id="a" * 16)
+    assert fields.rpm_limit == 31
+    with pytest.raises(InvalidArgument, match="cannot be changed: id"):
+        convert.key_fields_from_json({"id": "b" * 16}, key_id="a" * 16)

@@ -33,6 +33,8 @@ def test_redis_url_is_built_from_the_guides_variables() -> None:
         ({"EXTAUTHZ_FAIL_OPEN": "maybe"}, "EXTAUTHZ_FAIL_OPEN"),
         ({"VIRTUAL_KEY_DEFAULT_BUDGET": "-1"}, "VIRTUAL_KEY_DEFAULT_BUDGET"),
         ({"VIRTUAL_KEY_PREFIX": "sk mp"}, "VIRTUAL_KEY_PREFIX"),
+        ({"REDIS_URL": "http://localhost:6379"}, "REDIS_URL"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
     ],
 )
 def test_unusable_values_are_refused_naming_the_variable(env: dict[str, str], name: str) -> None:
