@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import grpc
 
-from extauthz.auth import Role, bearer, bearer_key, metadata_value, role_of
+from extauthz.auth import Role, bearer, bearer_key, metadata_value, metadata_values, role_of
 from extauthz.settings import Settings
 from keys.errors import InvalidArgument, NotFound
 from keys.model import Reason, VirtualKey
@@ -53,8 +53,13 @@ async def require_reporter(context: Context, settings: Settings) -> str | None:
 
 
 def user_scope(context: Context) -> str | None:
-    """The x-user-id scope; an empty one is refused rather than read as "everyone"."""
-    user = metadata_value(context, "x-user-id")
+    """The x-user-id scope; an empty one is refused rather than read as "everyone", and so
+    are two (a front end that adds its own while passing the client's through would
+    otherwise be escaped by whichever comes first)."""
+    values = metadata_values(context, "x-user-id")
+    if len(values) > 1:
+        raise InvalidArgument("x-user-id is sent more than once")
+    user = values[0] if values else None
     if user is not None and not user.strip():
         raise InvalidArgument("x-user-id is empty")
     return user

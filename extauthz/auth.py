@@ -16,12 +16,19 @@ class Role(Enum):
     USAGE = "usage"  # may call ReportUsage and nothing else
 
 
-def metadata_value(context: grpc.aio.ServicerContext[object, object], name: str) -> str | None:
+def metadata_values(context: grpc.aio.ServicerContext[object, object], name: str) -> list[str]:
+    """Every value of one metadata key, in order (Envoy passes repeated headers as such)."""
     pairs: Iterable[tuple[str, str | bytes]] = context.invocation_metadata() or ()
-    for key, value in pairs:
-        if key == name:
-            return value if isinstance(value, str) else value.decode(errors="replace")
-    return None
+    return [
+        value if isinstance(value, str) else value.decode(errors="replace")
+        for key, value in pairs
+        if key == name
+    ]
+
+
+def metadata_value(context: grpc.aio.ServicerContext[object, object], name: str) -> str | None:
+    values = metadata_values(context, name)
+    return values[0] if values else None
 
 
 def bearer(context: grpc.aio.ServicerContext[object, object]) -> str | None:

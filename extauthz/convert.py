@@ -122,7 +122,8 @@ def new_key(request: keys_pb2.CreateKeyRequest) -> NewKey:
     return NewKey(
         KeyFields(
             name=request.name,
-            allowed_models=list(request.allowed_models),
+            # a repeated field cannot say "sent empty": left out, it means every model
+            allowed_models=list(request.allowed_models) or None,
             max_budget=request.max_budget if has("max_budget") else None,
             tpm_limit=request.tpm_limit if has("tpm_limit") else None,
             rpm_limit=request.rpm_limit if has("rpm_limit") else None,

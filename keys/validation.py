@@ -81,7 +81,10 @@ def models(values: Sequence[str]) -> tuple[str, ...]:
     cleaned = [
         text("allowed_models entry", v, required=True, max_chars=MAX_MODEL_CHARS) for v in values
     ]
-    if not cleaned or ALL_MODELS in cleaned:
+    if not cleaned:
+        # "clear the list" must not read as "allow everything": that is said with "*"
+        raise InvalidArgument('allowed_models is empty: send ["*"] to allow every model')
+    if ALL_MODELS in cleaned:
         return (ALL_MODELS,)
     return tuple(dict.fromkeys(cleaned))
 

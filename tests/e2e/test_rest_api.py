@@ -3,6 +3,7 @@ KeyService and UsageService, with the admin bearer token, as a client would send
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 from datetime import UTC, datetime
@@ -253,7 +254,7 @@ def test_patch_with_an_unknown_field_is_400_naming_it_and_changes_nothing(
     assert api(envoy, "GET", f"/api/keys/{data['id']}", server.admin_token).json() == data
 
 
-@pytest.mark.parametrize("field", ["team_id", "user_id", "spent", "id", "created_at"])
+@pytest.mark.parametrize("field", ["team_id", "user_id", "spent", "created_at"])
 def test_patch_of_a_field_that_cannot_change_is_400_naming_it(
     envoy: Envoy, server: Server, field: str
 ) -> None:
@@ -262,6 +263,14 @@ def test_patch_of_a_field_that_cannot_change_is_400_naming_it(
     assert reply.status == 400
     assert f"cannot be changed: {field}" in reply.json()["message"]
     assert api(envoy, "GET", f"/api/keys/{data['id']}", server.admin_token).json() == data
+
+
+def test_patch_may_carry_the_keys_own_id_but_not_another(envoy: Envoy, server: Server) -> None:
+    data = create(envoy, server)["key_data"]
+    same = patch(envoy, server, data["id"], {"id": data["id"], "rpm_limit": 8})
+    assert same.status == 200 and same.json()["rpm_limit"] == 8
+    other = patch(envoy, server, data["id"], {"id": "0" * 16, "rpm_limit": 9})
+    assert other.status == 400 and "id" in other.json()["message"]
 
 
 def test_patch_takes_allowed_models_as_create_key_does(envoy: Envoy, server: Server) -> None:
@@ -375,3 +384,36 @@ def test_rendered_config_finds_the_descriptor_from_any_directory(tmp_path: Path)
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_patch_with_an_empty_model_list_is_400_and_the_key_stays_restricted(
+    envoy: Envoy, server: Server
+) -> None:
+    data = create(envoy, server, allowed_models=["gpt-4"])["key_data"]
+    reply = patch(envoy, server, data["id"], {"allowed_models": []})
+    assert reply.status == 400 and '["*"]' in reply.json()["message"]
+    got = api(envoy, "GET", f"/api/keys/{data['id']}", server.admin_token)
+    assert got.json()["allowed_models"] == ["gpt-4"]
+
+
+def test_post_with_an_empty_model_list_is_400(envoy: Envoy, server: Server) -> None:
+    reply = api(
+        envoy, "POST", "/api/keys", server.admin_token, {**GUIDE_BODY, "allowed_models": []}
+    )
+    assert reply.status == 400
+
+
+def test_two_x_user_id_headers_are_refused(envoy: Envoy, server: Server) -> None:
+    data = create(envoy, server)["key_data"]
+    headers = [("authorization", f"Bearer {server.admin_token}")]
+    conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=10)
+    try:
+        conn.putrequest("GET", f"/api/keys/{data['id']}")
+        for name, value in [*headers, ("x-user-id", data["user_id"]), ("x-user-id", "other")]:
+            conn.putheader(name, value)
+        conn.endheaders()
+        reply = conn.getresponse()
+        body = reply.read()
+    finally:
+        conn.close()
+    assert reply.status == 400 and b"x-user-id" in body

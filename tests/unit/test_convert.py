@@ -10,6 +10,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from extauthz import convert
 from extauthz.settings import Settings
+from keys import validation
 from keys.errors import InvalidArgument
 from keys.v1 import keys_pb2
 
@@ -219,3 +220,9 @@ def test_patch_may_send_the_keys_own_id_back() -> None:
     assert fields.rpm_limit == 31
     with pytest.raises(InvalidArgument, match="cannot be changed: id"):
         convert.key_fields_from_json({"id": "b" * 16}, key_id="a" * 16)
+
+
+def test_patch_with_an_empty_model_list_is_refused_not_read_as_every_model() -> None:
+    fields = convert.key_fields_from_json({"allowed_models": []})
+    with pytest.raises(InvalidArgument, match=r'send \["\*"\]'):
+        validation.key_changes(fields, max_expires_days=30, now_ms=0)
