@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTO_SRC := $(wildcard protos/keys/v1/*.proto)
 PROTO_OUT := keys/v1/keys_pb2.py
 
-.PHONY: install system-deps protos run test lint fmt bench bench-deps clean
+.PHONY: install system-deps protos run test lint fmt bench bench-deps manifests clean
 
 install: $(VENV)/.installed $(PROTO_OUT) system-deps
 
@@ -46,6 +46,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# deploy/kubernetes/sidecar/envoy-configmap.yaml is made from envoy.yaml (a test checks it).
+manifests: install
+	$(BIN)/python -m devstack.sidecar_config
 
 fmt: install
 	$(BIN)/ruff format .

@@ -23,6 +23,11 @@ log = logging.getLogger("extauthz.http")
 MAX_HEAD_BYTES = 32_768
 MAX_DISCARDED_BODY = 1 << 20
 IDLE_TIMEOUT_S = 60
+# nginx opens a connection per auth subrequest: a burst of 200 new client connections is
+# 200 connects at once. asyncio's default listen backlog (100) drops SYNs beyond it, and the
+# client's retry comes after 1 s, past nginx's 500 ms connect timeout (a 503). gRPC's port
+# listens with 4096; so does this one (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 4096
 _REASONS: Final = {
     200: "OK",
     400: "Bad Request",
@@ -127,7 +132,12 @@ class HttpEndpoint:
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
         return await asyncio.start_server(
-            self.handle, host, port, limit=MAX_HEAD_BYTES, reuse_port=reuse_port
+            self.handle,
+            host,
+            port,
+            limit=MAX_HEAD_BYTES,
+            reuse_port=reuse_port,
+            backlog=LISTEN_BACKLOG,
         )
 
 

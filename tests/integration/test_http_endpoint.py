@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +126,16 @@ async def test_malformed_request_line_is_400(endpoint: Endpoint) -> None:
 async def test_head_has_no_body_but_the_length_of_one(endpoint: Endpoint) -> None:
     reply = await endpoint.send(b"HEAD /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
     assert reply.status == 200 and reply.body == b"" and reply.headers["content-length"] == "3"
+
+
+async def test_the_listen_queue_takes_a_burst_of_nginx_connections(endpoint: Endpoint) -> None:
+    """nginx opens a connection per auth subrequest; the kernel's queue for not yet
+    accepted connections must hold a burst of hundreds (asyncio's default is 100)."""
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("ss (iproute2) is not installed")
+    command = [ss, "-ltnH", f"sport = :{endpoint.port}"]
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True)
+    backlog = int(done.stdout.split()[2])  # for a listening socket, Send-Q is its backlog
+    somaxconn = await asyncio.to_thread(Path("/proc/sys/net/core/somaxconn").read_text)
+    assert backlog >= min(1024, int(somaxconn))

@@ -406,3 +406,30 @@ def test_alert_runbooks_point_at_headings_of_the_operations_doc() -> None:
         document, _, anchor = rule["annotations"]["runbook"].partition("#")
         assert document == "docs/operations.md"
         assert anchor in anchors, rule["alert"]
+
+
+def test_sidecar_configmap_is_what_make_manifests_writes_from_envoy_yaml() -> None:
+    """The sidecar's Envoy config is generated (devstack/sidecar_config.py): every edge
+    defence in envoy.yaml reaches Kubernetes too."""
+    from devstack import sidecar_config
+
+    expected = sidecar_config.configmap(ENVOY_YAML.read_text())
+    assert sidecar_config.CONFIGMAP.read_text() == expected, "run `make manifests`"
+
+
+def test_sidecar_envoy_keeps_every_edge_defence_of_envoy_yaml() -> None:
+    ours = yaml.safe_load(sidecar_envoy_config())
+    manager = ours["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    config = manager["typed_config"]
+    assert config["common_http_protocol_options"]["headers_with_underscores_action"] == (
+        "DROP_HEADER"
+    )
+    assert config["normalize_path"] is True
+    assert config["early_header_mutation_extensions"][0]["typed_config"]["mutations"] == [
+        {"remove": "x-request-id"}
+    ]
+    assert [f["name"] for f in config["http_filters"]] == [
+        "envoy.filters.http.ext_authz.key_first",
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.router",
+    ]
