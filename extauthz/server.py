@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from extauthz.admin import KeyService
 from extauthz.check import AuthorizationServicer
 from extauthz.decision import Decider
+from extauthz.errors import add_servicer
 from extauthz.health import HealthServicer, RedisWatch
 from extauthz.http import HttpEndpoint
 from extauthz.logs import configure
@@ -32,7 +33,7 @@ from keys.connection import RedisBridge, redacted
 from keys.journal import JournalUnusable, UsageJournal
 from keys.pricing import PriceTable
 from keys.store import KeyStore
-from keys.v1 import keys_pb2, keys_pb2_grpc
+from keys.v1 import keys_pb2
 
 log = logging.getLogger("extauthz")
 SHUTDOWN_GRACE_S = 5.0
@@ -72,9 +73,13 @@ async def serve(settings: Settings) -> None:
     # port take half the traffic; only --workers (EXTAUTHZ_REUSE_PORT) shares a port.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)])
     AuthorizationServicer(decider).add_to_server(server)
-    keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(store, settings), server)
-    keys_pb2_grpc.add_UsageServiceServicer_to_server(
-        UsageService(store, settings, prices, metrics, journal), server
+    add_servicer(
+        server, keys_pb2.DESCRIPTOR.services_by_name["KeyService"], KeyService(store, settings)
+    )
+    add_servicer(
+        server,
+        keys_pb2.DESCRIPTOR.services_by_name["UsageService"],
+        UsageService(store, settings, prices, metrics, journal),
     )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -417,3 +417,8 @@ def test_two_x_user_id_headers_are_refused(envoy: Envoy, server: Server) -> None
     finally:
         conn.close()
     assert reply.status == 400 and b"x-user-id" in body
+
+
+def test_a_page_token_that_is_not_utf8_is_400_not_500(envoy: Envoy, server: Server) -> None:
+    reply = api(envoy, "GET", "/api/keys?page_token=%00%ff", server.admin_token)
+    assert reply.status == 400 and "UTF-8" in reply.json()["message"]
