@@ -91,7 +91,11 @@ class MockUpstream:
                 messages = request.get("messages") or []
                 chars = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
                 prompt = chars // 4 + 1
-                completion = int(request.get("max_tokens") or 10)
+                asked = request.get("max_tokens") or 10
+                if not isinstance(asked, int) or not 0 < asked <= 1_000_000:
+                    self._send(400, {"error": {"message": "max_tokens: 1..1000000"}})
+                    return
+                completion = asked
                 key_id = headers.get("x-virtual-key-id")
                 request_id = headers.get("x-virtual-key-request-id")
                 if key_id and request_id:
