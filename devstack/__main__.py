@@ -59,7 +59,10 @@ def main() -> int:
         )
         started.append(server.process)
         upstream = MockUpstream(
-            ports["upstream"], f"127.0.0.1:{ports['extauthz']}", usage_token
+            ports["upstream"],
+            f"127.0.0.1:{ports['extauthz']}",
+            usage_token,
+            log_path=RUN_DIR / "upstream.log",
         ).start()
         config = RUN_DIR / "envoy.yaml"
         config.write_text(p.render_envoy_config(ports))
@@ -133,7 +136,7 @@ def banner(
         f"Redis: {redis.described()}\n"
         f"admin token: {admin_token} (kept in .run/admin-token; EXTAUTHZ_ADMIN_TOKEN sets one)\n"
         f"  export TOKEN={admin_token}\n"
-        "logs in .run/ (Ctrl-C stops everything)\n"
+        "logs in .run/; what the upstream received: .run/upstream.log (Ctrl-C stops everything)\n"
     )
 
 

@@ -4,7 +4,9 @@ guide's step 4: it answers with a `usage` object and reports it with ReportUsage
 client-chosen one such as `x-request-id`). Real load balancers must do the same.
 
 Completion tokens are the request's `max_tokens` (default 10); prompt tokens are about
-one per four characters of message content. Every request it saw is kept in `seen`.
+one per four characters of message content. Every request it saw is kept in `seen`, and,
+with `log_path` (`make run`: .run/upstream.log), written there as one JSON line: what the
+upstream received of the identity headers, and whether any key header reached it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -41,8 +44,23 @@ class MockUpstream:
     seen: list[Seen] = field(default_factory=list)
     report_errors: list[str] = field(default_factory=list)
     reported: list[str] = field(default_factory=list)  # request ids, in report order
+    log_path: Path | None = None
     _server: ThreadingHTTPServer | None = None
     _channel: grpc.Channel | None = None
+
+    def log_request(self, method: str, path: str, headers: dict[str, str]) -> None:
+        if self.log_path is None:
+            return
+        line = {
+            "method": method,
+            "path": path,
+            **{k: v for k, v in sorted(headers.items()) if k.startswith("x-virtual-key-")},
+            "key_header_reached_upstream": any(
+                h in headers for h in ("authorization", "x-api-key", "api-key")
+            ),
+        }
+        with self.log_path.open("a") as out:
+            out.write(json.dumps(line) + "\n")
 
     def start(self) -> MockUpstream:
         self._channel = grpc.insecure_channel(self.extauthz_addr)
@@ -60,6 +78,7 @@ class MockUpstream:
                 body = self.rfile.read(length) if length else b""
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 upstream.seen.append(Seen(self.command, self.path, headers, body))
+                upstream.log_request(self.command, self.path, headers)
                 return headers, body
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:
