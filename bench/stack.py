@@ -74,7 +74,7 @@ class Stack:
         return server.start()
 
     def ours(self, redis_url: str, name: str, workers: int = 1) -> Ours:
-        """`workers` server processes on one gRPC port (SO_REUSEPORT, grpc's default)."""
+        """`workers` server processes on one gRPC port (SO_REUSEPORT, EXTAUTHZ_REUSE_PORT)."""
         grpc_port = p.free_port()
         http_ports: list[int] = []
         started: list[p.Process] = []
@@ -88,6 +88,8 @@ class Stack:
                 extra={
                     "EXTAUTHZ_JOURNAL_DIR": str(self.root / f"{name}-{n}-journal"),
                     "EXTAUTHZ_DRAIN_SECONDS": "0",
+                    # the processes share the gRPC port on purpose (as --workers does)
+                    "EXTAUTHZ_REUSE_PORT": "true" if workers > 1 else "false",
                 },
             )
             self.processes.append(server.process)
