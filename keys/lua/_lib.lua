@@ -32,12 +32,14 @@ end
 
 -- The key's own steps of a Check, shared by check.lua and authenticate.lua:
 -- 0 usable, 1 unknown key or wrong secret, 2 revoked, 3 expired.
--- f: the record's hash, prev_hash, prev_hash_until, status, expires_at (HMGET order).
--- A presented key that is not the current secret is compared once more, with the
+-- It reads only these five fields, so a known id with a wrong secret costs about what an
+-- unknown id costs (the rest of the record is read by the caller, for a usable key). A
+-- presented key that is not the current secret is compared once more, with the
 -- rotated-out secret (which works until its grace ends), or with a stand-in where the
--- record or that secret is missing: an unknown id costs what a wrong secret costs, so
--- the reply's timing does not tell which ids exist.
-local function key_state(digest, now, f)
+-- record or that secret is missing: the reply's timing does not tell which ids exist.
+local function key_state(key, digest, now)
+  local f = redis.call('HMGET', key, 'hash', 'prev_hash', 'prev_hash_until', 'status',
+    'expires_at')
   if not same_digest(digest, f[1] or NO_DIGEST) then
     local previous = same_digest(digest, (f[2] ~= false and f[2] ~= '') and f[2] or NO_DIGEST)
     if f[1] == false or not (previous and now < (tonumber(f[3]) or 0)) then return 1 end

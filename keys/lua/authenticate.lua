@@ -8,6 +8,4 @@
 --   (the same codes as check.lua)
 local digest = ARGV[1]
 local now = tonumber(ARGV[2])
-local f = redis.call('HMGET', KEYS[1], 'hash', 'prev_hash', 'prev_hash_until', 'status',
-  'expires_at')
-return {key_state(digest, now, f)}
+return {key_state(KEYS[1], digest, now)}

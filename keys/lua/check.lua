@@ -17,11 +17,12 @@ local model_kind = ARGV[3]
 local model = ARGV[4]
 local window = tonumber(ARGV[5])
 
+local state = key_state(KEYS[1], digest, now)
+if state ~= 0 then return {state} end
+-- the rest of the record only for a usable key (f[1..5] are key_state's fields)
 local f = redis.call('HMGET', KEYS[1], 'hash', 'prev_hash', 'prev_hash_until', 'status',
   'expires_at', 'models', 'max_budget', 'spent', 'budget_reset_at', 'budget_period_ms',
   'rpm_limit', 'tpm_limit', 'win_start', 'win_requests', 'win_tokens', 'user_id', 'team_id')
-local state = key_state(digest, now, f)
-if state ~= 0 then return {state} end
 if f[6] ~= '*' and model_kind ~= '0' then
   if model_kind ~= '1' or not string.find(f[6], '\n' .. model .. '\n', 1, true) then
     return {4}
