@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from devstack import processes as p
 from devstack import redis_target
 from devstack.mock_upstream import MockUpstream
+from extauthz.settings import Settings, SettingsError
 
 RUN_DIR = p.ROOT / ".run"
 
@@ -23,7 +24,12 @@ RUN_DIR = p.ROOT / ".run"
 def main() -> int:
     RUN_DIR.mkdir(exist_ok=True)
     ports = dict(p.ENVOY_PORTS)
-    http_port = int(os.environ.get("EXTAUTHZ_HTTP_PORT", "9192"))
+    try:  # the server's own settings: a bad value stops here, before anything starts
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"make run: {exc}", file=sys.stderr)
+        return 2
+    http_port = settings.http_port
     busy = [f"{n}={port}" for n, port in [*ports.items(), ("http", http_port)] if p.port_open(port)]
     if busy:
         print(f"make run: ports already in use: {', '.join(busy)}", file=sys.stderr)
