@@ -38,23 +38,17 @@ def _env_like(server: Server, redis_url: str, tmp_path: Path, **extra: str) -> d
     )
 
 
-def test_a_second_server_on_a_taken_grpc_port_fails_saying_port_in_use(
-    server: Server, redis_url: str, tmp_path: Path
+@pytest.mark.parametrize("taken", ["gRPC", "HTTP"])
+def test_a_second_server_on_a_taken_port_fails_saying_port_in_use(
+    server: Server, redis_url: str, tmp_path: Path, taken: str
 ) -> None:
-    env = _env_like(server, redis_url, tmp_path, EXTAUTHZ_HTTP_PORT=str(p.free_port()))
-    done = _serve(env)
+    """Only --workers (EXTAUTHZ_REUSE_PORT) shares a port; a stray second server must not
+    quietly take half the traffic."""
+    free = "EXTAUTHZ_HTTP_PORT" if taken == "gRPC" else "EXTAUTHZ_GRPC_PORT"
+    done = _serve(_env_like(server, redis_url, tmp_path, **{free: str(p.free_port())}))
+    port = server.grpc_port if taken == "gRPC" else server.http_port
     assert done.returncode == 2
-    assert f"gRPC port 127.0.0.1:{server.grpc_port} is in use" in done.stderr
-    assert "Traceback" not in done.stderr
-
-
-def test_a_second_server_on_a_taken_http_port_fails_saying_port_in_use(
-    server: Server, redis_url: str, tmp_path: Path
-) -> None:
-    env = _env_like(server, redis_url, tmp_path, EXTAUTHZ_GRPC_PORT=str(p.free_port()))
-    done = _serve(env)
-    assert done.returncode == 2
-    assert f"HTTP port 127.0.0.1:{server.http_port} is in use" in done.stderr
+    assert f"{taken} port 127.0.0.1:{port} is in use" in done.stderr
     assert "Traceback" not in done.stderr
 
 
