@@ -116,6 +116,7 @@ def kept_token(name: str) -> str:
             return token
     token = secrets.token_urlsafe(24)
     path.touch(mode=0o600)
+    path.chmod(0o600)  # touch keeps the mode of a file that was already there
     path.write_text(token + "\n")
     return token
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
+
+from keys.connection import redacted
 
 DEFAULT_PORT = 6379
 NAMED_BY = ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_DB")
@@ -54,9 +56,4 @@ def choose(env: Mapping[str, str], local_redis_answers: bool, own_dir: str) -> R
 
 def shown(url: str) -> str:
     """`url` with any password masked: the banner is a log, and secrets stay out of logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return redacted(url)

@@ -4,6 +4,7 @@ bounds and help, in the table `VARIABLES`. `Settings.from_env` reads that table,
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -11,8 +12,13 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote
 
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
+
 from keys import keygen
+from keys.connection import is_cluster_url, redacted
 from keys.money import MAX_USD, usd_to_nanos
+from keys.resp import Endpoint
 from keys.validation import MAX_LIMIT
 
 
@@ -276,11 +282,33 @@ def redis_url_from(env: Mapping[str, str]) -> str:
             raise SettingsError(
                 f"REDIS_URL: expected {', '.join(s + '://host:port' for s in REDIS_SCHEMES)}"
             )
+        try:  # what the clients will make of it: a bad port, db or option is one line here
+            options = parse_url(f"{scheme.lower().removesuffix('+cluster')}://{rest}")
+            if not is_cluster_url(url):
+                Endpoint.from_url(url)
+        except (ValueError, TypeError) as exc:
+            raise SettingsError(f"REDIS_URL {redacted(url)}: {exc}") from None
+        unknown = sorted(set(options) - _redis_options())
+        if unknown:
+            raise SettingsError(f"REDIS_URL: unknown option {', '.join(unknown)}")
         return url
     host = env.get("REDIS_HOST", "").strip() or "localhost"
     port = integer(1, 65535)("REDIS_PORT", env.get("REDIS_PORT", "").strip() or "6379")
     db = integer(0, 1 << 20)("REDIS_DB", env.get("REDIS_DB", "").strip() or "0")
     return f"redis://{quote(host)}:{port}/{db}"
+
+
+def _redis_options() -> set[str]:
+    """What redis-py's connections (and the cluster client) take as URL options."""
+    names = {"connection_class"}
+    for call in (
+        AbstractConnection.__init__,
+        Connection.__init__,
+        SSLConnection.__init__,
+        RedisCluster.__init__,
+    ):
+        names |= set(inspect.signature(call).parameters) - {"self", "kwargs"}
+    return names
 
 
 def help_table() -> str:

@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -306,10 +307,16 @@ class RedisBridge:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for logs and banners."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, hostpart = rest.rpartition("@")
-    if not at:
-        return url
-    user = userinfo.partition(":")[0]
-    return f"{scheme}{sep}{user + ':***' if user else '***'}@{hostpart}"
+    """The URL with every password masked (in the user part, and query parameters such as
+    `password` and `ssl_password`, which redis-py reads too), for logs and banners."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{host}" if user else f"***@{host}"
+    query = "&".join(
+        f"{name}=***" if "password" in name.lower() and sep else f"{name}{sep}{value}"
+        for name, sep, value in (pair.partition("=") for pair in parts.query.split("&") if pair)
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

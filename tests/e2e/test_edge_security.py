@@ -269,3 +269,31 @@ def test_nginx_preferred_model_header_is_checked_like_x_model(
     reply = fetch(nginx.port, "POST", CHAT, headers, chat_body("gpt-3.5-turbo"))
     assert reply.status == 403 and error_code(reply) == "model_not_allowed"
     assert len(upstream.seen) == before
+
+
+FORGED_ON_PUBLIC = {
+    "authorization": "Bearer sk-mp-0123456789abcdef-" + "S" * 40,
+    "x-api-key": "sk-mp-0123456789abcdef-" + "S" * 40,
+    "x-virtual-key-request-id": "forged-rid",
+    "x-virtual-key-note": "forged",
+}
+
+
+def test_envoy_public_path_forwards_no_key_and_no_identity_look_alike(
+    envoy: Envoy, upstream: MockUpstream
+) -> None:
+    reply = fetch(envoy.port, "GET", "/healthz", FORGED_ON_PUBLIC)
+    assert reply.status == 200
+    seen = upstream.seen[-1].headers
+    assert not {"authorization", "x-api-key"} & seen.keys()
+    assert not [h for h in seen if h.startswith("x-virtual-key-")]
+
+
+def test_nginx_public_path_forwards_no_key(nginx: Nginx, upstream: MockUpstream) -> None:
+    """nginx blanks our header names; it cannot drop other x-virtual-key-* by prefix
+    (docs/reliability.md lists that limit)."""
+    reply = fetch(nginx.port, "GET", "/healthz", FORGED_ON_PUBLIC)
+    assert reply.status == 200
+    seen = upstream.seen[-1].headers
+    assert not {"authorization", "x-api-key"} & seen.keys()
+    assert not seen.get("x-virtual-key-request-id")

@@ -429,6 +429,7 @@ def test_sidecar_envoy_keeps_every_edge_defence_of_envoy_yaml() -> None:
         {"remove": "x-request-id"}
     ]
     assert [f["name"] for f in config["http_filters"]] == [
+        "envoy.filters.http.header_mutation",
         "envoy.filters.http.ext_authz.key_first",
         "envoy.filters.http.ext_authz",
         "envoy.filters.http.router",

@@ -28,3 +28,13 @@ def test_the_kept_token_is_readable_by_its_owner_only(
     devstack.kept_token("admin-token")
     mode = stat.S_IMODE((tmp_path / "admin-token").stat().st_mode)
     assert mode & 0o077 == 0
+
+
+def test_an_existing_token_file_is_made_private_when_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(devstack, "RUN_DIR", tmp_path)
+    (tmp_path / "usage-token").touch(mode=0o644)
+    (tmp_path / "usage-token").chmod(0o644)
+    devstack.kept_token("usage-token")
+    assert stat.S_IMODE((tmp_path / "usage-token").stat().st_mode) & 0o077 == 0

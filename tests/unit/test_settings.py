@@ -35,6 +35,10 @@ def test_redis_url_is_built_from_the_guides_variables() -> None:
         ({"VIRTUAL_KEY_PREFIX": "sk mp"}, "VIRTUAL_KEY_PREFIX"),
         ({"REDIS_URL": "http://localhost:6379"}, "REDIS_URL"),
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://h:notaport/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://h:6379/0?socket_timeout=abc"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://h:6379/x"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://h:6379/0?bogus=1"}, "REDIS_URL"),
     ],
 )
 def test_unusable_values_are_refused_naming_the_variable(env: dict[str, str], name: str) -> None:
@@ -63,3 +67,21 @@ def test_workers_and_reuse_port_are_settings() -> None:
     assert Settings.from_env({}).reuse_port is False
     with pytest.raises(SettingsError, match="EXTAUTHZ_WORKERS"):
         Settings.from_env({"EXTAUTHZ_WORKERS": "0"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2@h:6379/0",
+        "redis://u:hunter2@h:6379/0",
+        "redis://h:6379/0?password=hunter2",
+        "rediss://h:6379/0?ssl_password=hunter2&ssl_cert_reqs=none",
+        "redis+cluster://:hunter2@h:7000?password=hunter2",
+    ],
+)
+def test_a_redis_url_is_shown_without_any_password(url: str) -> None:
+    from keys.connection import redacted
+
+    shown = redacted(url)
+    assert "hunter2" not in shown and "***" in shown
+    assert (shown.split("://")[0] == url.split("://")[0] and "@h:" in shown) or "//h:" in shown
