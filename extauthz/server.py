@@ -8,6 +8,7 @@ import contextlib
 import errno
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -51,6 +52,12 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 async def serve(settings: Settings) -> None:
+    if not settings.reuse_port:  # said first, before gRPC or the log say anything else
+        for name, port in (("gRPC", settings.grpc_port), ("HTTP", settings.http_port)):
+            if _taken(settings.bind, port):
+                raise PortInUse(
+                    f"{name} port {settings.bind}:{port} is in use (EXTAUTHZ_{name.upper()}_PORT)"
+                )
     # first: an unusable journal directory stops the start before anything else is built
     journal = (
         UsageJournal(Path(settings.journal_dir), settings.journal_max_bytes)
@@ -165,6 +172,20 @@ async def serve(settings: Settings) -> None:
     await http.wait_closed()
     await redis.aclose()
     log.info("stopped")
+
+
+def _taken(host: str, port: int) -> bool:
+    """Whether something listens on (host, port) now (port 0 is never taken)."""
+    if port == 0:
+        return False
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 class PortInUse(RuntimeError):

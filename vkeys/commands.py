@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         name: str, run: Callable[[Api, argparse.Namespace], int], help_: str
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_, description=help_)
-        p.set_defaults(run=run)
+        p.set_defaults(run=run, subparser=p)
         return p
 
     create = command("create", cmd_create, "create a key (the full key is printed once)")
@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said with the command's own usage, which lists the options it takes
+        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
     addr = args.addr or os.environ.get("EXTAUTHZ_ADDR") or DEFAULT_ADDR
     token = args.token if args.token is not None else os.environ.get("EXTAUTHZ_ADMIN_TOKEN", "")
     metadata = [("authorization", f"Bearer {token}")] if token else []
