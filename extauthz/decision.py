@@ -19,6 +19,7 @@ from typing import Final, TypeVar
 from extauthz.metrics import Metrics
 from extauthz.request import presented_key
 from keys.errors import StoreUnavailable
+from keys.keygen import ParsedKey
 from keys.model import BodyModel, Decision, Reason, RequestedModel
 from keys.pricing import PriceTable
 from keys.store import KeyStore
@@ -95,17 +96,13 @@ class Decider:
         method: str,
         body_bytes: int,
     ) -> Outcome:
-        if self.is_public(path, method):
-            return PUBLIC
-        key = presented_key(headers)
-        if key is None:
-            return NO_KEY
+        key = self._key_or_outcome(path, headers, method)
+        if isinstance(key, Outcome):
+            return key
         model: RequestedModel | None = None
         try:
-            if body_bytes > LARGE_BODY_BYTES:
-                reason = await self._timed("authenticate", self.store.authenticate(key))
-                if reason is not Reason.OK:
-                    return Outcome(Verdict.DENY, Decision(reason, key.key_id))
+            if body_bytes > LARGE_BODY_BYTES and (refused := await self._refused(key)):
+                return refused
             model = model_of()
             started = time.perf_counter()
             try:
@@ -113,10 +110,7 @@ class Decider:
             finally:
                 self.metrics.redis_check_latency.observe(time.perf_counter() - started)
         except StoreUnavailable:
-            self.metrics.redis_errors.labels("check").inc()
-            if self.fail_open:
-                return Outcome(Verdict.UNVERIFIED, Decision(Reason.OK, key.key_id), model)
-            return Outcome(Verdict.DENY, Decision(Reason.AUTH_UNAVAILABLE, key.key_id), model)
+            return self._unavailable(key, Verdict.UNVERIFIED, model)
         verdict = Verdict.ALLOW if decision.allowed else Verdict.DENY
         return Outcome(verdict, decision, model)
 
@@ -132,21 +126,38 @@ class Decider:
         return outcome
 
     async def _verify_key(self, path: str, headers: Mapping[str, str], method: str) -> Outcome:
+        key = self._key_or_outcome(path, headers, method)
+        if isinstance(key, Outcome):
+            return key
+        try:
+            refused = await self._refused(key)
+        except StoreUnavailable:
+            # fail-open: the full Check that follows decides, and marks, the request
+            return self._unavailable(key, Verdict.KEY_VERIFIED)
+        return refused or Outcome(Verdict.KEY_VERIFIED, Decision(Reason.OK, key.key_id))
+
+    def _key_or_outcome(
+        self, path: str, headers: Mapping[str, str], method: str
+    ) -> ParsedKey | Outcome:
+        """The steps that need no Redis: a public path, else a well-formed key."""
         if self.is_public(path, method):
             return PUBLIC
         key = presented_key(headers)
-        if key is None:
-            return NO_KEY
-        try:
-            reason = await self._timed("authenticate", self.store.authenticate(key))
-        except StoreUnavailable:
-            self.metrics.redis_errors.labels("check").inc()
-            if self.fail_open:  # the full Check decides, and marks, the request
-                return Outcome(Verdict.KEY_VERIFIED, Decision(Reason.OK, key.key_id))
-            return Outcome(Verdict.DENY, Decision(Reason.AUTH_UNAVAILABLE, key.key_id))
-        if reason is not Reason.OK:
-            return Outcome(Verdict.DENY, Decision(reason, key.key_id))
-        return Outcome(Verdict.KEY_VERIFIED, Decision(Reason.OK, key.key_id))
+        return NO_KEY if key is None else key
+
+    async def _refused(self, key: ParsedKey) -> Outcome | None:
+        """authenticate.lua's denial for a key Redis will not accept, or None."""
+        reason = await self._timed("authenticate", self.store.authenticate(key))
+        return None if reason is Reason.OK else Outcome(Verdict.DENY, Decision(reason, key.key_id))
+
+    def _unavailable(
+        self, key: ParsedKey, fail_open: Verdict, model: RequestedModel | None = None
+    ) -> Outcome:
+        """Redis could not answer: 503, or `fail_open` when EXTAUTHZ_FAIL_OPEN is set."""
+        self.metrics.redis_errors.labels("check").inc()
+        if self.fail_open:
+            return Outcome(fail_open, Decision(Reason.OK, key.key_id), model)
+        return Outcome(Verdict.DENY, Decision(Reason.AUTH_UNAVAILABLE, key.key_id), model)
 
     async def _timed(self, op: str, call: Awaitable[T]) -> T:
         started = time.perf_counter()
