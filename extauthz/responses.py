@@ -76,24 +76,16 @@ DENIALS: Final[Mapping[Reason, Denial]] = {
 }
 
 
-def error_body(reason: Reason, message: str, error_type: str) -> bytes:
+def error_body(code: str, message: str, error_type: str) -> bytes:
+    """The OpenAI-shaped error every refusal carries."""
     return json.dumps(
-        {"error": {"message": message, "type": error_type, "param": None, "code": reason.value}}
+        {"error": {"message": message, "type": error_type, "param": None, "code": code}}
     ).encode()
 
 
 def bad_request_parts(message: str) -> tuple[int, list[tuple[str, str]], bytes]:
     """A request too ambiguous to decide on (400): OpenAI-shaped like every denial."""
-    body = json.dumps(
-        {
-            "error": {
-                "message": message,
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "ambiguous_request",
-            }
-        }
-    ).encode()
+    body = error_body("ambiguous_request", message, "invalid_request_error")
     return 400, [("content-type", "application/json")], body
 
 
@@ -123,7 +115,7 @@ def denial_parts(
         headers.append(("retry-after", "1"))
     message = denial.message.format(**fields)
     error_type = denial.error_type.format(**fields)
-    return denial.http_status, headers, error_body(decision.reason, message, error_type)
+    return denial.http_status, headers, error_body(decision.reason.value, message, error_type)
 
 
 def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
