@@ -16,6 +16,7 @@ in pyproject.toml, since `_FastCluster` leans on its internals.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -26,13 +27,13 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
-from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from keys.errors import StoreUnavailable
-from keys.resp import PipelinedRedis, RedisReplyError
+from keys.resp import Endpoint, PipelinedRedis, RedisReplyError
 from keys.scripts import Script
 
 Arg = str | int | bytes
@@ -45,6 +46,40 @@ CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 def is_cluster_url(url: str) -> bool:
     return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+SCHEMES: Final = ("redis", "rediss", *CLUSTER_SCHEMES)
+
+
+def check_url(url: str) -> None:
+    """Raises ValueError (never naming a password) unless the clients below can use `url`:
+    a known scheme, and a port, database and options redis-py and keys/resp.py accept."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SCHEMES or not rest.strip("/"):
+        raise ValueError(f"expected {', '.join(s + '://host:port' for s in SCHEMES)}")
+    plain = f"{CLUSTER_SCHEMES.get(scheme.lower(), scheme)}://{rest}"
+    try:
+        options = parse_url(plain)
+        if not is_cluster_url(url):
+            Endpoint.from_url(url)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{redacted(url)}: {exc}") from None
+    unknown = sorted(set(options) - _url_options())
+    if unknown:
+        raise ValueError(f"unknown option {', '.join(unknown)}")
+
+
+def _url_options() -> set[str]:
+    """What redis-py's connections (and the cluster client) take as URL options."""
+    names = {"connection_class"}
+    for call in (
+        AbstractConnection.__init__,
+        Connection.__init__,
+        SSLConnection.__init__,
+        RedisCluster.__init__,
+    ):
+        names |= set(inspect.signature(call).parameters) - {"self", "kwargs"}
+    return names
 
 
 def connect(url: str, *, timeout_s: float, max_connections: int = 64) -> Client:
@@ -258,7 +293,6 @@ class RedisBridge:
 
     client: Client
     scripts: ScriptRunner
-    url: str
 
     @classmethod
     def from_url(
@@ -278,11 +312,7 @@ class RedisBridge:
             if use_client
             else PipelinedScripts(PipelinedRedis(url, timeout_s=timeout_s))
         )
-        return cls(client, scripts, url)
-
-    @property
-    def cluster(self) -> bool:
-        return isinstance(self.client, RedisCluster)
+        return cls(client, scripts)
 
     async def load_scripts(self, scripts: Sequence[Script]) -> None:
         """SCRIPT LOAD each one now, so the first call after a Redis restart does not pay
