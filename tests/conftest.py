@@ -136,6 +136,34 @@ def envoy(
     proxy.process.stop()
 
 
+@dataclass
+class Nginx:
+    port: int
+    process: p.Process
+
+
+def start_nginx(work_dir: Path, extauthz_http_port: int, upstream_port: int) -> Nginx:
+    """nginx with deploy/nginx/nginx.conf as shipped, rendered with these ports."""
+    ports = {
+        "listener": p.free_port(),
+        "extauthz_http": extauthz_http_port,
+        "upstream": upstream_port,
+    }
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config = work_dir / "nginx.conf"
+    config.write_text(p.render_nginx_config(ports))
+    return Nginx(ports["listener"], p.start_nginx(config, ports["listener"], work_dir))
+
+
+@pytest.fixture(scope="session")
+def nginx(
+    server: Server, upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Nginx]:
+    proxy = start_nginx(tmp_path_factory.mktemp("nginx"), server.http_port, upstream.port)
+    yield proxy
+    proxy.process.stop()
+
+
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(1_800_000_000_000)

@@ -13,23 +13,13 @@ import pytest
 from devstack.mock_upstream import MockUpstream
 from devstack.processes import wait_port
 from keys.v1 import keys_pb2
-from tests.conftest import Envoy, Server, start_server
-from tests.e2e.test_nginx import Nginx, start
+from tests.conftest import Envoy, Nginx, Server, start_server
 from tests.helpers import Clients, HttpReply, chat_body, fetch
 
 pytestmark = pytest.mark.e2e
 CHAT = "/v1/chat/completions"
 JSON = {"content-type": "application/json"}
 HEX_128 = re.compile(r"[0-9a-f]{32}")
-
-
-@pytest.fixture(scope="module")
-def nginx(
-    server: Server, upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Nginx]:
-    proxy = start(tmp_path_factory.mktemp("nginx-edge"), server.http_port, upstream.port)
-    yield proxy
-    proxy.process.stop()
 
 
 def error_code(reply: HttpReply) -> str:

@@ -3,46 +3,17 @@ shipped: the client sees the same status, headers and JSON body as through Envoy
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from devstack import processes as p
 from devstack.mock_upstream import MockUpstream
-from tests.conftest import Envoy, Server
+from tests.conftest import Envoy, Nginx, start_nginx
 from tests.helpers import Clients, HttpReply, chat_body, fetch
 
 pytestmark = pytest.mark.e2e
 CHAT = "/v1/chat/completions"
-
-
-@dataclass
-class Nginx:
-    port: int
-    process: p.Process
-
-
-def start(work_dir: Path, extauthz_http_port: int, upstream_port: int) -> Nginx:
-    ports = {
-        "listener": p.free_port(),
-        "extauthz_http": extauthz_http_port,
-        "upstream": upstream_port,
-    }
-    work_dir.mkdir(parents=True, exist_ok=True)
-    config = work_dir / "nginx.conf"
-    config.write_text(p.render_nginx_config(ports))
-    return Nginx(ports["listener"], p.start_nginx(config, ports["listener"], work_dir))
-
-
-@pytest.fixture(scope="module")
-def nginx(
-    server: Server, upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Nginx]:
-    proxy = start(tmp_path_factory.mktemp("nginx"), server.http_port, upstream.port)
-    yield proxy
-    proxy.process.stop()
 
 
 def post(port: int, headers: dict[str, str], body: bytes = b"") -> HttpReply:
@@ -136,7 +107,7 @@ def test_denials_match_envoy_exactly(nginx: Nginx, envoy: Envoy, clients: Client
 def test_unreachable_extauthz_is_503_auth_unavailable(
     upstream: MockUpstream, tmp_path: Path
 ) -> None:
-    proxy = start(tmp_path, p.free_port(), upstream.port)  # nothing listens there
+    proxy = start_nginx(tmp_path, p.free_port(), upstream.port)  # nothing listens there
     try:
         before = len(upstream.seen)
         reply = post(proxy.port, {"x-api-key": "sk-mp-0123456789abcdef-" + "a" * 43})

@@ -43,17 +43,25 @@ def bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
+async def refused_key(store: KeyStore, make: str) -> str:
+    """A key Redis will not accept: `made-up` (well-formed, no such id), `revoked`, or
+    `malformed` (never reaches Redis)."""
+    full, key = await store.create(key_spec(), "sk-mp")
+    if make == "revoked":
+        await store.revoke(key.id)
+        return full
+    if make == "made-up":
+        return keygen.format_key("sk-mp", keygen.new_key_id(), keygen.new_secret())
+    return "sk-mp-nope"
+
+
 @pytest.mark.parametrize(
     ("make", "reason"), [("made-up", Reason.INVALID_API_KEY), ("revoked", Reason.KEY_REVOKED)]
 )
 async def test_a_refused_key_with_a_large_body_is_denied_without_reading_the_body(
     store: KeyStore, make: str, reason: Reason
 ) -> None:
-    full, key = await store.create(key_spec(), "sk-mp")
-    if make == "revoked":
-        await store.revoke(key.id)
-    else:
-        full = keygen.format_key("sk-mp", keygen.new_key_id(), keygen.new_secret())
+    full = await refused_key(store, make)
     body = BodyReader()
     outcome = await decider(store).decide(
         "/v1/embeddings", bearer(full), body, method="POST", body_bytes=LARGE_BODY_BYTES + 1
@@ -140,12 +148,6 @@ async def test_key_first_phase_accepts_a_usable_key_and_counts_nothing(store: Ke
 async def test_key_first_phase_refuses_what_check_would(
     store: KeyStore, make: str, reason: Reason
 ) -> None:
-    full, key = await store.create(key_spec(), "sk-mp")
-    if make == "revoked":
-        await store.revoke(key.id)
-    elif make == "made-up":
-        full = keygen.format_key("sk-mp", keygen.new_key_id(), keygen.new_secret())
-    elif make == "malformed":
-        full = "sk-mp-nope"
+    full = await refused_key(store, make)
     outcome = await decider(store).verify_key("/v1/x", bearer(full), method="POST")
     assert outcome.verdict is Verdict.DENY and outcome.decision.reason is reason
