@@ -38,6 +38,60 @@ def usage_day_key(key_id: str, day: date) -> str:
     return f"vk:{{{key_id}}}:usage:{day.strftime('%Y%m%d')}"
 
 
+def inflight_key(key_id: str) -> str:
+    """The key's open reservations: a sorted set, member = request id, score = the
+    instant (ms) the reservation expires. Its own request count is the concurrency slots
+    in use; the amounts it holds sum to the record's `reserved`."""
+    return f"vk:{{{key_id}}}:inflight"
+
+
+def model_windows_key(key_id: str) -> str:
+    """Per-model RPM/TPM windows (`model_limits`): `s:<model>`, `r:<model>`, `t:<model>`."""
+    return f"vk:{{{key_id}}}:mwin"
+
+
+# --- budgets above the key: users and teams ------------------------------------------
+
+SCOPES: Final = ("user", "team")
+
+
+def level_key(scope: str, scope_id: str) -> str:
+    """A user's or team's budget record (the same money and window fields as a key's,
+    `max_parallel` and `created_at`). One hash tag per budget: its own Cluster slot."""
+    return f"vb:{{{scope}:{scope_id}}}"
+
+
+def level_inflight_key(scope: str, scope_id: str) -> str:
+    """The budget's open reservations, as `inflight_key` (members are request ids)."""
+    return f"vb:{{{scope}:{scope_id}}}:inflight"
+
+
+def level_marker_key(scope: str, scope_id: str, key_id: str, request_id: str) -> str:
+    """Set once a request has been charged at this level (Cluster: each level settles in
+    its own script, so each remembers what it charged)."""
+    return f"vb:{{{scope}:{scope_id}}}:req:{key_id}:{request_id}"
+
+
+def budgets_index_key(scope: str) -> str:
+    """Every budget of a scope: id -> created_at ms (ListBudgets)."""
+    return f"{{vkidx}}:budgets:{scope}"
+
+
+# --- reservations --------------------------------------------------------------------
+
+
+def reservation_id(token: str, amount_nanos: int) -> str:
+    """`<random>-<nano-USD reserved>`: the id carries its own amount, so an open
+    reservation costs one sorted-set entry and nothing else (docs/design.md)."""
+    return f"{token}-{amount_nanos}"
+
+
+def reservation_amount(request_id: str) -> int:
+    """The nano-USD a reservation id holds (0 for an id this server did not issue)."""
+    _, sep, amount = request_id.rpartition("-")
+    return int(amount) if sep and amount.isdigit() and len(amount) <= 19 else 0
+
+
 def utc_day(now_ms: int) -> date:
     return datetime.fromtimestamp(now_ms / 1000, tz=UTC).date()
 
