@@ -314,6 +314,12 @@ class RedisBridge:
         )
         return cls(client, scripts)
 
+    @property
+    def cluster(self) -> bool:
+        """Redis Cluster: a script may touch one slot only, so the budgets above a key
+        (other slots) are checked in scripts of their own (docs/design.md)."""
+        return isinstance(self.client, RedisCluster)
+
     async def load_scripts(self, scripts: Sequence[Script]) -> None:
         """SCRIPT LOAD each one now, so the first call after a Redis restart does not pay
         for the reload. On a cluster, redis-py sends SCRIPT LOAD to every primary."""

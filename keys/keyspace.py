@@ -18,7 +18,7 @@ from typing import Final
 from keys import keygen
 from keys.budget import current_reset_ms, first_reset_ms
 from keys.errors import InvalidArgument
-from keys.model import ALL_MODELS, KeySpec, KeyUpdate, VirtualKey
+from keys.model import ALL_MODELS, KeySpec, KeyUpdate, ModelLimit, VirtualKey
 
 # --- key names -----------------------------------------------------------------------
 
@@ -135,6 +135,34 @@ def decode_models(stored: str) -> tuple[str, ...]:
     return tuple(m for m in stored.split("\n") if m)
 
 
+MODEL_LIMIT_PREFIX: Final = "ml:"
+CLEAR_MODEL_LIMITS: Final = "-ml"  # keys/lua/update.lua: drop every ml: field first
+
+
+def model_limit_fields(limits: Mapping[str, ModelLimit]) -> dict[str, str]:
+    """`ml:<model>` -> "<rpm> <tpm>": check.lua reads one model's limits with one HGET."""
+    return {
+        f"{MODEL_LIMIT_PREFIX}{model}": f"{limit.rpm_limit} {limit.tpm_limit}"
+        for model, limit in limits.items()
+    }
+
+
+def decode_model_limits(f: Mapping[str, str]) -> dict[str, ModelLimit]:
+    limits: dict[str, ModelLimit] = {}
+    for name, value in f.items():
+        if name.startswith(MODEL_LIMIT_PREFIX):
+            rpm, _, tpm = value.partition(" ")
+            limits[name[len(MODEL_LIMIT_PREFIX) :]] = ModelLimit(int(rpm), int(tpm or 0))
+    return dict(sorted(limits.items()))
+
+
+def live_reserved(reserved_field: str | None, expired_ids: list[str]) -> int:
+    """What open reservations hold: the record's `reserved` less what expired ones still
+    in the set hold (the scripts release those at the next call)."""
+    held = int(reserved_field or 0) - sum(reservation_amount(m) for m in expired_ids)
+    return max(held, 0)
+
+
 def _metadata(values: Mapping[str, str]) -> str:
     return json.dumps(dict(values), separators=(",", ":"))
 
@@ -165,6 +193,10 @@ def new_record(spec: KeySpec, digest: str, now_ms: int) -> dict[str, str | int]:
         "budget_reset_at": first_reset_ms(spec.budget, now_ms),
         "prev_hash": "",
         "prev_hash_until": 0,
+        "reserved": 0,
+        "max_parallel": spec.max_parallel,
+        "enforce": 1 if spec.enforce else 0,
+        **model_limit_fields(spec.model_limits),
     }
 
 
@@ -189,6 +221,13 @@ def changed_fields(change: KeyUpdate, now_ms: int) -> dict[str, str | int]:
         fields["budget_duration"] = change.budget.duration
         fields["budget_period_ms"] = change.budget.period_ms
         fields["budget_reset_at"] = first_reset_ms(change.budget, now_ms)
+    if change.max_parallel is not None:
+        fields["max_parallel"] = change.max_parallel
+    if change.enforce is not None:
+        fields["enforce"] = 1 if change.enforce else 0
+    if change.model_limits is not None:
+        fields[CLEAR_MODEL_LIMITS] = 1
+        fields.update(model_limit_fields(change.model_limits))
     return fields
 
 
@@ -200,9 +239,17 @@ def flatten(fields: Mapping[str, str | int]) -> list[str | int]:
     return [item for pair in fields.items() for item in pair]
 
 
-def to_virtual_key(key_id: str, f: Mapping[str, str], now_ms: int) -> VirtualKey:
-    """The record as of `now_ms`: a budget period that has ended reads as reset, as the
-    next script call will make it."""
+def to_virtual_key(
+    key_id: str,
+    f: Mapping[str, str],
+    now_ms: int,
+    *,
+    in_flight: int = 0,
+    expired_ids: list[str] | None = None,
+) -> VirtualKey:
+    """The record as of `now_ms`: a budget period that has ended reads as reset, and
+    reservations that have expired as released, as the next script call will make them.
+    `in_flight` and `expired_ids` come from the key's in-flight set."""
     reset_at = int(f.get("budget_reset_at") or 0)
     rolled = reset_at != 0 and now_ms >= reset_at
     return VirtualKey(
@@ -226,6 +273,11 @@ def to_virtual_key(key_id: str, f: Mapping[str, str], now_ms: int) -> VirtualKey
         window_tokens=int(f.get("win_tokens", 0)),
         budget_duration=f.get("budget_duration", ""),
         budget_reset_at_ms=current_reset_ms(reset_at, int(f.get("budget_period_ms") or 0), now_ms),
+        reserved_nanos=live_reserved(f.get("reserved"), expired_ids or []),
+        in_flight=in_flight,
+        max_parallel=int(f.get("max_parallel") or 0),
+        model_limits=decode_model_limits(f),
+        enforce=f.get("enforce", "1") != "0",
     )
 
 

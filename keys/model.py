@@ -27,7 +27,9 @@ class Reason(StrEnum):
     KEY_EXPIRED = "key_expired"
     MODEL_NOT_ALLOWED = "model_not_allowed"
     BUDGET_EXCEEDED = "budget_exceeded"
+    MODEL_NOT_PRICED = "model_not_priced"
     RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
+    CONCURRENCY_LIMIT_EXCEEDED = "concurrency_limit_exceeded"
     AUTH_UNAVAILABLE = "auth_unavailable"
 
 
@@ -41,8 +43,15 @@ class BodyModel(Enum):
 
 @dataclass(frozen=True, slots=True)
 class RequestedModel:
+    """The model, and what bounds the request's cost (for its reservation): the output
+    tokens it asks for at most (`max_completion_tokens`, `max_tokens`,
+    `max_output_tokens`; None when it names none), the choices (`n`), the body's size."""
+
     kind: BodyModel
     name: str = ""
+    output_cap: int | None = field(default=None, compare=False)
+    choices: int = field(default=1, compare=False)
+    body_bytes: int = field(default=0, compare=False)
 
     @classmethod
     def named(cls, name: str) -> RequestedModel:
@@ -51,6 +60,15 @@ class RequestedModel:
 
 NO_BODY = RequestedModel(BodyModel.NO_BODY)
 UNREADABLE = RequestedModel(BodyModel.UNREADABLE)
+
+
+class Level(StrEnum):
+    """Where a limit sits: the key, the key's limit for one model, its user, its team."""
+
+    KEY = "key"
+    MODEL = "model"
+    USER = "user"
+    TEAM = "team"
 
 
 class LimitHit(StrEnum):
@@ -91,6 +109,16 @@ class Decision:
     rpm: WindowCount = UNLIMITED
     tpm: WindowCount = UNLIMITED
     limit_hit: LimitHit | None = None  # on a rate-limit denial
+    # Names the request's reservation (its in-flight record); set when allowed.
+    request_id: str = ""
+    # Where the (would-be) denial's limit sits, and what it says:
+    level: Level = Level.KEY
+    window: WindowCount | None = None  # a rate denial's window (at `level`)
+    free_nanos: int = 0  # a budget denial: what the budget still has free
+    parallel_limit: int = 0  # a concurrency denial's limit
+    # Shadow mode (the key's `enforce` off): allowed, but this is what it would have got.
+    would_deny: Reason | None = None
+    expired: int = 0  # reservations found expired (and released) by this Check
 
     @property
     def allowed(self) -> bool:
@@ -99,12 +127,22 @@ class Decision:
     @property
     def denying_window(self) -> WindowCount:
         """The window that denied the request (a rate-limit denial)."""
+        if self.window is not None:
+            return self.window
         return self.rpm if self.limit_hit is LimitHit.RPM else self.tpm
 
     @property
     def retry_after_s(self) -> int:
         """Whole seconds until the window that denied the request closes (at least 1)."""
         return max(1, self.denying_window.reset_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimit:
+    """A key's RPM and TPM for one model (0: no limit), in addition to its own."""
+
+    rpm_limit: int = 0
+    tpm_limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +159,9 @@ class KeySpec:
     rpm_limit: int
     metadata: Mapping[str, str] = field(default_factory=dict)
     budget: BudgetPeriod = NO_PERIOD
+    max_parallel: int = 0
+    model_limits: Mapping[str, ModelLimit] = field(default_factory=dict)
+    enforce: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +176,9 @@ class KeyUpdate:
     expires_at_ms: int | None = None
     metadata: Mapping[str, str] | None = None
     budget: BudgetPeriod | None = None
+    max_parallel: int | None = None
+    model_limits: Mapping[str, ModelLimit] | None = None
+    enforce: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +203,11 @@ class VirtualKey:
     window_tokens: int
     budget_duration: str = ""
     budget_reset_at_ms: int = 0  # 0: spend never resets
+    reserved_nanos: int = 0  # held by open reservations
+    in_flight: int = 0  # open reservations (requests allowed and not yet reported)
+    max_parallel: int = 0
+    model_limits: Mapping[str, ModelLimit] = field(default_factory=dict)
+    enforce: bool = True
 
     def status(self, now_ms: int) -> Status:
         if self.revoked:
@@ -169,9 +218,10 @@ class VirtualKey:
 
     @property
     def budget_remaining_nanos(self) -> int | None:
+        """What new requests may still reserve: budget - spent - reserved."""
         if self.max_budget_nanos == 0:
             return None
-        return max(self.max_budget_nanos - self.spent_nanos, 0)
+        return max(self.max_budget_nanos - self.spent_nanos - self.reserved_nanos, 0)
 
     def windows(self, now_ms: int) -> tuple[WindowCount, WindowCount]:
         """(rpm, tpm) as a Check at `now_ms` would see them, without counting."""
@@ -222,9 +272,12 @@ class ReportResult:
     spent_nanos: int
     max_budget_nanos: int
     total_tokens: int
+    settled: bool = False  # closed the reservation its request id named
+    expired: bool = False  # its reservation had expired (released; charged anyway)
+    reserved_nanos: int = 0  # what the key's open reservations hold after this report
 
     @property
     def budget_remaining_nanos(self) -> int | None:
         if self.max_budget_nanos == 0:
             return None
-        return max(self.max_budget_nanos - self.spent_nanos, 0)
+        return max(self.max_budget_nanos - self.spent_nanos - self.reserved_nanos, 0)

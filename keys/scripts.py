@@ -36,10 +36,23 @@ def _load(name: str, *, with_lib: bool = False) -> Script:
 CHECK: Final = _load("check", with_lib=True)
 AUTHENTICATE: Final = _load("authenticate", with_lib=True)
 REPORT_USAGE: Final = _load("report_usage", with_lib=True)
+LEVEL_ADMIT: Final = _load("level_admit", with_lib=True)
+LEVEL_RELEASE: Final = _load("level_release", with_lib=True)
+LEVEL_SETTLE: Final = _load("level_settle", with_lib=True)
 CREATE: Final = _load("create")
 UPDATE: Final = _load("update")
 ROTATE: Final = _load("rotate")
-ALL: Final = (CHECK, AUTHENTICATE, REPORT_USAGE, CREATE, UPDATE, ROTATE)
+ALL: Final = (
+    CHECK,
+    AUTHENTICATE,
+    REPORT_USAGE,
+    LEVEL_ADMIT,
+    LEVEL_RELEASE,
+    LEVEL_SETTLE,
+    CREATE,
+    UPDATE,
+    ROTATE,
+)
 
 
 # --- check.lua -----------------------------------------------------------------------
@@ -51,15 +64,29 @@ class CheckCode(IntEnum):
     REVOKED = 2
     EXPIRED = 3
     MODEL_NOT_ALLOWED = 4
-    BUDGET_SPENT = 5
+    BUDGET_SPENT = 5  # the reservation does not fit (reserve mode) / spent (after mode)
     OVER_RPM = 6
     OVER_TPM = 7
+    MODEL_NOT_PRICED = 8
+    CONCURRENCY = 9
+    NEED_LEVELS = 10  # call again with the user's and team's budgets inline
+
+
+@dataclass(frozen=True, slots=True)
+class Shortfall:
+    """A step that failed (or, in shadow mode, would have): its code, level and details."""
+
+    code: CheckCode
+    level: str  # key, model, user, team ("level" from level_admit.lua)
+    d1: str = ""  # budget: nano-USD free; rate: the limit; concurrency: the limit
+    d2: int = 0  # rate: used in the window
+    d3: int = 0  # rate: ms until the window resets
 
 
 @dataclass(frozen=True, slots=True)
 class CheckReply:
     code: CheckCode
-    # Only for ALLOWED, OVER_RPM and OVER_TPM (the rest return the code alone):
+    # For codes 0 and 4-9 (1-3 return the code alone; NEED_LEVELS the two ids):
     user_id: str = ""
     team_id: str = ""
     rpm_limit: int = 0
@@ -67,12 +94,20 @@ class CheckReply:
     tpm_limit: int = 0
     tokens: int = 0
     reset_ms: int = 0  # until the window closes
+    request_id: str = ""  # allowed: names the reservation
+    expired: int = 0  # reservations this call found expired and released
+    short: Shortfall | None = None  # the denial, or in shadow mode the would-be denial
+    enforce: bool = True  # False: the key is in shadow mode
 
 
 def decode_check(reply: Any) -> CheckReply:
     code = CheckCode(int(reply[0]))
     if len(reply) == 1:
         return CheckReply(code)
+    if code is CheckCode.NEED_LEVELS:
+        return CheckReply(code, user_id=reply[1], team_id=reply[2])
+    shadow = int(reply[10])
+    short_code = code if code is not CheckCode.ALLOWED else CheckCode(shadow)
     return CheckReply(
         code,
         user_id=reply[1],
@@ -82,7 +117,33 @@ def decode_check(reply: Any) -> CheckReply:
         tpm_limit=int(reply[5]),
         tokens=int(reply[6]),
         reset_ms=int(reply[7]),
+        request_id=reply[8],
+        expired=int(reply[9]),
+        short=None
+        if short_code is CheckCode.ALLOWED
+        else Shortfall(short_code, reply[11], str(reply[12]), int(reply[13]), int(reply[14])),
+        enforce=int(reply[15]) == 1,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class LevelReply:
+    """level_admit.lua: passed (admitted or no budget there), or a shortfall."""
+
+    admitted: bool
+    short: Shortfall | None
+    enforced: bool  # False: the shortfall is a shadow one (admitted anyway)
+
+
+def decode_level_admit(reply: Any, level: str) -> LevelReply:
+    code, shadow = CheckCode(int(reply[0])), int(reply[1])
+    short_code = code if code is not CheckCode.ALLOWED else CheckCode(shadow)
+    short = (
+        None
+        if short_code is CheckCode.ALLOWED
+        else Shortfall(short_code, level, str(reply[2]), int(reply[3]), int(reply[4]))
+    )
+    return LevelReply(int(reply[5]) == 1, short, code is not CheckCode.ALLOWED)
 
 
 def decode_authenticate(reply: Any) -> CheckCode:
@@ -98,6 +159,15 @@ class ReportCode(IntEnum):
     CHARGED = 1
     DUPLICATE = 2  # this request id was charged before: nothing more
     OVERFLOW = 3  # refused: an int64 counter would overflow
+    NEED_LEVELS = 10  # call again with the user's and team's budgets inline
+
+
+class Settled(IntEnum):
+    """What a report did to the reservation its request id names."""
+
+    NONE = 0  # no open reservation had that id (usage measured elsewhere, or reaped)
+    CLOSED = 1
+    EXPIRED = -1  # it had expired: released; the report still charges
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +175,22 @@ class ReportReply:
     code: ReportCode
     spent_nanos: int
     max_budget_nanos: int
+    settled: Settled = Settled.NONE
+    user_id: str = ""
+    team_id: str = ""
+    reserved_nanos: int = 0
 
 
 def decode_report(reply: Any) -> ReportReply:
-    return ReportReply(ReportCode(int(reply[0])), int(reply[1]), int(reply[2]))
+    return ReportReply(
+        ReportCode(int(reply[0])),
+        int(reply[1]),
+        int(reply[2]),
+        Settled(int(reply[3])),
+        reply[4],
+        reply[5],
+        int(reply[6]) if len(reply) > 6 else 0,
+    )
 
 
 # --- create.lua, update.lua, rotate.lua ----------------------------------------------

@@ -8,10 +8,12 @@ Redis Cluster slot (docs/design.md).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +27,7 @@ from keys.model import (
     Decision,
     KeySpec,
     KeyUpdate,
+    Level,
     LimitHit,
     Reason,
     ReportResult,
@@ -36,7 +39,7 @@ from keys.model import (
     VirtualKey,
     WindowCount,
 )
-from keys.scripts import CheckCode, ReportCode, Script
+from keys.scripts import CheckCode, CheckReply, ReportCode, Script, Settled, Shortfall
 
 Clock = Callable[[], int]
 """Milliseconds since the epoch; injected so tests control time without sleeping."""
@@ -56,8 +59,31 @@ _REASONS = {
     CheckCode.OVER_RPM: Reason.RATE_LIMIT_EXCEEDED,
     CheckCode.OVER_TPM: Reason.RATE_LIMIT_EXCEEDED,
 }
+_REASONS.update(
+    {
+        CheckCode.MODEL_NOT_PRICED: Reason.MODEL_NOT_PRICED,
+        CheckCode.CONCURRENCY: Reason.CONCURRENCY_LIMIT_EXCEEDED,
+    }
+)
 _LIMIT_HIT = {CheckCode.OVER_RPM: LimitHit.RPM, CheckCode.OVER_TPM: LimitHit.TPM}
+_IDENTITY = (CheckCode.UNKNOWN_KEY, CheckCode.REVOKED, CheckCode.EXPIRED)
 _ID_ATTEMPTS = 5
+_LEVELS_CACHED = 200_000
+_EXPIRED_SHOWN = 1000  # expired reservations read per key by GetKey (the scripts reap)
+BUDGET_MODES = ("reserve", "after")
+
+
+def _shortfall_fields(short: Shortfall) -> dict[str, Any]:
+    """Decision fields for a failed step: where it sits and what its limit says."""
+    fields: dict[str, Any] = {"level": Level(short.level)}
+    if short.code in _LIMIT_HIT:
+        fields["limit_hit"] = _LIMIT_HIT[short.code]
+        fields["window"] = WindowCount(int(short.d1), short.d2, short.d3)
+    elif short.code is CheckCode.BUDGET_SPENT:
+        fields["free_nanos"] = int(short.d1 or 0)
+    elif short.code is CheckCode.CONCURRENCY:
+        fields["parallel_limit"] = int(short.d1 or 0)
+    return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +100,21 @@ class KeyStore:
         clock: Clock = wall_clock_ms,
         dedup_ttl_s: int = 172_800,
         usage_retention_days: int = 90,
+        budget_mode: str = "reserve",
+        reservation_ttl_s: int = 900,
     ) -> None:
+        if budget_mode not in BUDGET_MODES:
+            raise ValueError(f"budget mode {budget_mode!r}: use reserve or after")
         self.redis = redis
         self.clock = clock
         self.dedup_ttl_s = dedup_ttl_s
         self.usage_ttl_s = (usage_retention_days + 1) * 86_400
+        self.budget_mode = budget_mode
+        self.reservation_ttl_ms = reservation_ttl_s * 1000
+        # key id -> (user_id, team_id): fixed for a key's life (UpdateKey cannot change
+        # them, ids are never reused), so a Check can name the budgets above a key in
+        # its one script call. A miss costs one extra call (the script says whose).
+        self._owners: dict[str, tuple[str, str]] = {}
 
     async def _run(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         try:
@@ -95,9 +131,52 @@ class KeyStore:
 
     # --- the hot path ------------------------------------------------------------------
 
-    async def check(self, key: ParsedKey, model: RequestedModel) -> Decision:
-        """Decides one request in one round trip, counting it against RPM when allowed."""
+    async def check(
+        self,
+        key: ParsedKey,
+        model: RequestedModel,
+        *,
+        reserve_nanos: int = 0,
+        priced: bool = True,
+    ) -> Decision:
+        """Decides one request and, when it passes, counts it, reserves `reserve_nanos`
+        (reserve mode) and opens its in-flight record, at the key and every budget above
+        it. One round trip on a single Redis once the key's owners are known."""
         now = self.clock()
+        amount = reserve_nanos if self.budget_mode == "reserve" else 0
+        token = secrets.token_hex(12)
+        owners = self._owners.get(key.key_id)
+        reply = await self._check_script(key, model, now, token, amount, priced, owners)
+        if reply.code is CheckCode.NEED_LEVELS:
+            owners = self._remember(key.key_id, reply.user_id, reply.team_id)
+            reply = await self._check_script(key, model, now, token, amount, priced, owners)
+            if reply.code is CheckCode.NEED_LEVELS:  # pragma: no cover (owners are fixed)
+                raise StoreUnavailable("the key's user or team changed during a Check")
+        if reply.code in _IDENTITY:
+            return Decision(_REASONS[reply.code], key.key_id)
+        if self.redis.cluster and reply.code is CheckCode.ALLOWED:
+            reply = await self._admit_levels(key.key_id, reply, now, amount, priced)
+        return self._decision(key.key_id, reply)
+
+    async def _check_script(
+        self,
+        key: ParsedKey,
+        model: RequestedModel,
+        now: int,
+        token: str,
+        amount: int,
+        priced: bool,
+        owners: tuple[str, str] | None,
+    ) -> CheckReply:
+        keys: list[Arg] = [
+            keyspace.record_key(key.key_id),
+            keyspace.inflight_key(key.key_id),
+            keyspace.model_windows_key(key.key_id),
+        ]
+        inline = not self.redis.cluster
+        user_id, team_id = owners or ("", "")
+        if inline and owners is not None:
+            keys += self._level_keys(user_id, team_id)
         args: list[Arg] = [
             key.digest,
             now,
@@ -105,22 +184,106 @@ class KeyStore:
             model.name,
             WINDOW_MS,
             next_month_start_ms(now),
+            token,
+            amount,
+            1 if priced else 0,
+            self.reservation_ttl_ms,
+            "inline" if inline else "apart",
+            user_id if owners is not None else "\n",  # no id is "\n": the script says whose
+            team_id,
+            self.budget_mode,
         ]
-        reply = scripts.decode_check(
-            await self._run(scripts.CHECK, [keyspace.record_key(key.key_id)], args)
-        )
-        reason = _REASONS[reply.code]
-        if reply.code in (CheckCode.ALLOWED, CheckCode.OVER_RPM, CheckCode.OVER_TPM):
-            return Decision(
-                reason,
-                key_id=key.key_id,
-                user_id=reply.user_id,
-                team_id=reply.team_id,
-                rpm=WindowCount(reply.rpm_limit, reply.requests, reply.reset_ms),
-                tpm=WindowCount(reply.tpm_limit, reply.tokens, reply.reset_ms),
-                limit_hit=_LIMIT_HIT.get(reply.code),
+        return scripts.decode_check(await self._run(scripts.CHECK, keys, args))
+
+    @staticmethod
+    def _level_keys(user_id: str, team_id: str) -> list[Arg]:
+        keys: list[Arg] = []
+        for scope, scope_id in (("user", user_id), ("team", team_id)):
+            if scope_id:
+                keys += [
+                    keyspace.level_key(scope, scope_id),
+                    keyspace.level_inflight_key(scope, scope_id),
+                ]
+        return keys
+
+    def _remember(self, key_id: str, user_id: str, team_id: str) -> tuple[str, str]:
+        if len(self._owners) >= _LEVELS_CACHED:
+            self._owners.clear()
+        self._owners[key_id] = (user_id, team_id)
+        return user_id, team_id
+
+    async def _admit_levels(
+        self, key_id: str, reply: CheckReply, now: int, amount: int, priced: bool
+    ) -> CheckReply:
+        """Redis Cluster: the user's and team's budgets, each atomic in its own slot,
+        after the key admitted the request. A level that refuses is compensated: every
+        level that admitted (the key included) releases the request again, so no level
+        keeps a reservation or a counted request for a request that did not run. A crash
+        before the release leaves a reservation the TTL frees (docs/design.md)."""
+        scopes = [(s, i) for s, i in (("user", reply.user_id), ("team", reply.team_id)) if i]
+        if not scopes:
+            return reply
+        args: list[Arg] = [
+            now,
+            WINDOW_MS,
+            next_month_start_ms(now),
+            reply.request_id,
+            amount,
+            self.reservation_ttl_ms,
+            1 if priced else 0,
+            self.budget_mode,
+            1 if reply.enforce else 0,
+        ]
+        replies = await asyncio.gather(
+            *(
+                self._run(
+                    scripts.LEVEL_ADMIT,
+                    [keyspace.level_key(s, i), keyspace.level_inflight_key(s, i)],
+                    args,
+                )
+                for s, i in scopes
             )
-        return Decision(reason, key.key_id)
+        )
+        levels = [
+            scripts.decode_level_admit(r, scope)
+            for r, (scope, _) in zip(replies, scopes, strict=True)
+        ]
+        refused = next((lv.short for lv in levels if lv.short and lv.enforced), None)
+        if refused is None:
+            shadow = reply.short or next((lv.short for lv in levels if lv.short), None)
+            return replace(reply, short=shadow)
+        admitted = (
+            [keyspace.record_key(key_id), keyspace.inflight_key(key_id)],
+            *(
+                [keyspace.level_key(s, i), keyspace.level_inflight_key(s, i)]
+                for (s, i), lv in zip(scopes, levels, strict=True)
+                if lv.admitted
+            ),
+        )
+        await asyncio.gather(
+            *(
+                self._run(scripts.LEVEL_RELEASE, keys, [reply.request_id, now, WINDOW_MS])
+                for keys in admitted
+            )
+        )
+        return replace(reply, code=refused.code, request_id="", short=refused)
+
+    def _decision(self, key_id: str, reply: CheckReply) -> Decision:
+        short = reply.short
+        allowed = reply.code is CheckCode.ALLOWED
+        fields = _shortfall_fields(short) if short is not None else {}
+        return Decision(
+            _REASONS[reply.code],
+            key_id=key_id,
+            user_id=reply.user_id,
+            team_id=reply.team_id,
+            rpm=WindowCount(reply.rpm_limit, reply.requests, reply.reset_ms),
+            tpm=WindowCount(reply.tpm_limit, reply.tokens, reply.reset_ms),
+            request_id=reply.request_id if allowed else "",
+            would_deny=_REASONS[short.code] if allowed and short is not None else None,
+            expired=reply.expired,
+            **fields,
+        )
 
     async def authenticate(self, key: ParsedKey) -> Reason:
         """The key's own steps of a Check (secret, status, expiry), counting nothing: what
@@ -131,12 +294,51 @@ class KeyStore:
         return _REASONS[scripts.decode_authenticate(reply)]
 
     async def report_usage(self, report: UsageReport) -> ReportResult:
+        """Charges a completed request once, at the key and every budget above it, and
+        closes the reservation its request id names (settles it)."""
         now = self.clock()
-        keys = [
+        owners = self._owners.get(report.key_id)
+        reply = await self._report_script(report, now, owners)
+        if reply.code is ReportCode.NEED_LEVELS:
+            owners = self._remember(report.key_id, reply.user_id, reply.team_id)
+            reply = await self._report_script(report, now, owners)
+        if reply.code is ReportCode.UNKNOWN_KEY:
+            raise NotFound(f"key {report.key_id} not found")
+        if reply.code is ReportCode.OVERFLOW:
+            raise InvalidArgument(
+                "this charge would overflow the key's spend or token counters (about $9 "
+                "billion / 9e18 tokens)"
+            )
+        if self.redis.cluster:
+            # a duplicate too: a crash after the key's charge must not leave a level
+            # uncharged, and each level remembers what it charged
+            await self._settle_levels(report, now, reply.user_id, reply.team_id)
+        duplicate = reply.code is ReportCode.DUPLICATE
+        return ReportResult(
+            duplicate=duplicate,
+            cost_nanos=0 if duplicate else report.cost_nanos,
+            spent_nanos=reply.spent_nanos,
+            max_budget_nanos=reply.max_budget_nanos,
+            total_tokens=report.total_tokens,
+            settled=reply.settled is Settled.CLOSED,
+            expired=reply.settled is Settled.EXPIRED,
+            reserved_nanos=reply.reserved_nanos,
+        )
+
+    async def _report_script(
+        self, report: UsageReport, now: int, owners: tuple[str, str] | None
+    ) -> scripts.ReportReply:
+        keys: list[Arg] = [
             keyspace.record_key(report.key_id),
             keyspace.request_marker_key(report.key_id, report.request_id),
             keyspace.usage_day_key(report.key_id, keyspace.utc_day(now)),
+            keyspace.inflight_key(report.key_id),
+            keyspace.model_windows_key(report.key_id),
         ]
+        inline = not self.redis.cluster
+        user_id, team_id = owners or ("", "")
+        if inline and owners is not None:
+            keys += self._level_keys(user_id, team_id)
         args: list[Arg] = [
             now,
             report.cost_nanos,
@@ -148,22 +350,41 @@ class KeyStore:
             WINDOW_MS,
             self.usage_ttl_s,
             next_month_start_ms(now),
+            report.request_id,
+            "inline" if inline else "apart",
+            user_id if owners is not None else "\n",  # no id is "\n": the script says whose
+            team_id,
         ]
-        reply = scripts.decode_report(await self._run(scripts.REPORT_USAGE, keys, args))
-        if reply.code is ReportCode.UNKNOWN_KEY:
-            raise NotFound(f"key {report.key_id} not found")
-        if reply.code is ReportCode.OVERFLOW:
-            raise InvalidArgument(
-                "this charge would overflow the key's spend or token counters (about $9 "
-                "billion / 9e18 tokens)"
+        return scripts.decode_report(await self._run(scripts.REPORT_USAGE, keys, args))
+
+    async def _settle_levels(
+        self, report: UsageReport, now: int, user_id: str, team_id: str
+    ) -> None:
+        args: list[Arg] = [
+            now,
+            report.request_id,
+            report.cost_nanos,
+            report.total_tokens,
+            WINDOW_MS,
+            next_month_start_ms(now),
+            self.dedup_ttl_s,
+        ]
+        await asyncio.gather(
+            *(
+                self._run(
+                    scripts.LEVEL_SETTLE,
+                    [
+                        keyspace.level_key(scope, scope_id),
+                        keyspace.level_inflight_key(scope, scope_id),
+                        keyspace.level_marker_key(
+                            scope, scope_id, report.key_id, report.request_id
+                        ),
+                    ],
+                    args,
+                )
+                for scope, scope_id in (("user", user_id), ("team", team_id))
+                if scope_id
             )
-        duplicate = reply.code is ReportCode.DUPLICATE
-        return ReportResult(
-            duplicate=duplicate,
-            cost_nanos=0 if duplicate else report.cost_nanos,
-            spent_nanos=reply.spent_nanos,
-            max_budget_nanos=reply.max_budget_nanos,
-            total_tokens=report.total_tokens,
         )
 
     # --- key lifecycle -----------------------------------------------------------------
@@ -196,7 +417,12 @@ class KeyStore:
             await pipe.execute()
 
     async def get(self, key_id: str) -> VirtualKey:
-        return keyspace.to_virtual_key(key_id, await self._fetch(key_id), self.clock())
+        now = self.clock()
+        async with translated():
+            (key,) = await self._read_keys([key_id], now)
+        if key is None:
+            raise NotFound(f"key {key_id} not found")
+        return key
 
     async def _fetch(self, key_id: str) -> dict[str, str]:
         async with translated():
@@ -204,6 +430,26 @@ class KeyStore:
         if not fields:
             raise NotFound(f"key {key_id} not found")
         return fields
+
+    async def _read_keys(self, key_ids: Sequence[str], now: int) -> list[VirtualKey | None]:
+        """Records as of `now`, with their open reservations (None: no such key)."""
+        async with self.redis.client.pipeline(transaction=False) as pipe:
+            for key_id in key_ids:
+                inflight = keyspace.inflight_key(key_id)
+                pipe.hgetall(keyspace.record_key(key_id))
+                pipe.zcount(inflight, f"({now}", "+inf")
+                pipe.zrangebyscore(inflight, "-inf", now, start=0, num=_EXPIRED_SHOWN)
+            results: list[Any] = await pipe.execute()
+        return [
+            keyspace.to_virtual_key(
+                key_id, fields, now, in_flight=int(in_flight), expired_ids=list(expired)
+            )
+            if fields
+            else None
+            for key_id, fields, in_flight, expired in zip(
+                key_ids, results[0::3], results[1::3], results[2::3], strict=True
+            )
+        ]
 
     async def revoke(self, key_id: str) -> VirtualKey:
         await self._set_fields(key_id, keyspace.REVOKED_FIELDS)
@@ -243,7 +489,11 @@ class KeyStore:
                 for index in keyspace.live_indexes(key.user_id, key.team_id):
                     pipe.zrem(index, key_id)
                 await pipe.execute()
-            await self.redis.client.delete(keyspace.record_key(key_id))
+            await self.redis.client.delete(
+                keyspace.record_key(key_id),
+                keyspace.inflight_key(key_id),
+                keyspace.model_windows_key(key_id),
+            )
 
     async def validate(self, key: ParsedKey) -> tuple[Reason, VirtualKey | None]:
         """Read-only: what a Check would say about the key itself (not its model or limits)."""
@@ -297,12 +547,11 @@ class KeyStore:
                 batch = await self._index_after(index, cursor, page_size * 2)
                 if not batch:
                     return Page(tuple(found), "")
-                records = await self._fetch_many([key_id for key_id, _ in batch])
-                for (key_id, score), fields in zip(batch, records, strict=True):
+                records = await self._read_keys([key_id for key_id, _ in batch], now)
+                for (key_id, score), key in zip(batch, records, strict=True):
                     cursor = (score, key_id)
-                    if not fields:
+                    if key is None:
                         continue  # deleted between the index read and now
-                    key = keyspace.to_virtual_key(key_id, fields, now)
                     if team_id and key.team_id != team_id:
                         continue
                     if status is not None and key.status(now) is not status:
@@ -332,13 +581,6 @@ class KeyStore:
             )
             after.extend((m, int(sc)) for m, sc in rows)
         return after
-
-    async def _fetch_many(self, key_ids: Iterable[str]) -> list[dict[str, str]]:
-        async with self.redis.client.pipeline(transaction=False) as pipe:
-            for key_id in key_ids:
-                pipe.hgetall(keyspace.record_key(key_id))
-            results: list[dict[str, str]] = await pipe.execute()
-        return results
 
     async def key_ids_of(self, *, user_id: str = "", team_id: str = "") -> list[str]:
         """Every key the user or team ever had (deleted ones too), for usage totals."""

@@ -49,3 +49,151 @@ local function key_state(key, digest, now)
   if expires_at > 0 and now >= expires_at then return 3 end
   return 0
 end
+
+
+-- Money: nano-USD as decimal strings (HINCRBY keeps them exact in Redis). Lua numbers
+-- are doubles, exact only below 2^53 (~$9M), so sums and comparisons split each amount
+-- into {whole units of 1e9 nano-USD, the rest}: exact up to int64.
+local function m_parse(s)
+  s = s or '0'
+  if string.sub(s, 1, 1) == '-' then return {0, 0} end -- never negative; a bug reads as 0
+  local n = #s
+  if n <= 9 then return {0, tonumber(s) or 0} end
+  return {tonumber(string.sub(s, 1, n - 9)), tonumber(string.sub(s, n - 8))}
+end
+
+local function m_add(a, b)
+  local hi, lo = a[1] + b[1], a[2] + b[2]
+  if lo >= 1e9 then hi, lo = hi + 1, lo - 1e9 end
+  return {hi, lo}
+end
+
+local function m_le(a, b)
+  return a[1] < b[1] or (a[1] == b[1] and a[2] <= b[2])
+end
+
+-- max(a - b, 0) as a decimal string
+local function m_sub_floor(a, b)
+  if m_le(a, b) then return '0' end
+  local hi, lo = a[1] - b[1], a[2] - b[2]
+  if lo < 0 then hi, lo = hi - 1, lo + 1e9 end
+  if hi == 0 then return string.format('%d', lo) end
+  return string.format('%d%09d', hi, lo)
+end
+
+-- The nano-USD a reservation id (`<token>-<amount>`, keys/keyspace.py) holds.
+local function reserved_by(id)
+  return string.match(id, '%-(%d+)$') or '0'
+end
+
+-- A level is the key itself, or a user's or team's budget: the same money and window
+-- fields in a hash (rec) and its open reservations in a sorted set (inf: member = the
+-- request id, score = when it expires).
+local LEVEL_FIELDS = {'max_budget', 'spent', 'reserved', 'budget_reset_at',
+  'budget_period_ms', 'rpm_limit', 'tpm_limit', 'win_start', 'win_requests', 'win_tokens',
+  'max_parallel'}
+local REAP_MAX = 64
+
+-- Releases up to REAP_MAX reservations that expired unreported (their amounts come off
+-- `reserved`). A backlog beyond that stays counted in `reserved` until the next call:
+-- the error is on the side of refusing, never of giving money away. Returns how many.
+local function reap(lv, now)
+  local gone = redis.call('ZRANGEBYSCORE', lv.inf, '-inf', now, 'LIMIT', 0, REAP_MAX)
+  if #gone > 0 then
+    redis.call('ZREMRANGEBYRANK', lv.inf, 0, #gone - 1)
+    for _, id in ipairs(gone) do
+      local amount = reserved_by(id)
+      if amount ~= '0' then redis.call('HINCRBY', lv.rec, 'reserved', '-' .. amount) end
+    end
+    lv.reserved = redis.call('HGET', lv.rec, 'reserved') or '0'
+  end
+  if lv.reserved ~= '0' and redis.call('EXISTS', lv.inf) == 0 then
+    -- the set expired whole (every member had): nothing is held any more
+    redis.call('HSET', lv.rec, 'reserved', 0)
+    lv.reserved = '0'
+  end
+  return #gone
+end
+
+local function load_level(name, rec, inf, now, next_month)
+  local f = redis.call('HMGET', rec, unpack(LEVEL_FIELDS))
+  local lv = {name = name, rec = rec, inf = inf, budget = f[1] or '0', spent = f[2] or '0',
+    reserved = f[3] or '0', rpm = tonumber(f[6]) or 0, tpm = tonumber(f[7]) or 0,
+    start = tonumber(f[8]) or 0, requests = tonumber(f[9]) or 0,
+    tokens = tonumber(f[10]) or 0, parallel = tonumber(f[11]) or 0}
+  if roll_budget(rec, now, f[4], f[5], next_month) then lv.spent = '0' end
+  lv.expired = reap(lv, now)
+  return lv
+end
+
+-- The budget step at one level: nil when it passes, else the nano-USD still free.
+-- reserve mode: spent + reserved + this reservation <= max_budget, and something left;
+-- after mode: spent < max_budget (nothing is reserved).
+local function budget_short(lv, amount, mode)
+  if lv.budget == '0' then return nil end
+  local max = m_parse(lv.budget)
+  local held = m_add(m_parse(lv.spent), m_parse(lv.reserved))
+  if mode == 'after' then
+    if m_le(max, m_parse(lv.spent)) then return '0' end
+    return nil
+  end
+  -- a budget with nothing left refuses even a request that reserves nothing
+  if m_le(m_add(held, m_parse(amount)), max) and not m_le(max, held) then return nil end
+  return m_sub_floor(max, held)
+end
+
+-- The rate step at one level: nil, or {'rpm'|'tpm', limit, used, ms until the window resets}.
+local function rate_short(lv, now, window)
+  if now >= lv.start + window then
+    lv.start, lv.requests, lv.tokens, lv.fresh = now, 0, 0, true
+  end
+  local reset = lv.start + window - now
+  if lv.rpm > 0 and lv.requests >= lv.rpm then return {'rpm', lv.rpm, lv.requests, reset} end
+  if lv.tpm > 0 and lv.tokens >= lv.tpm then return {'tpm', lv.tpm, lv.tokens, reset} end
+  return nil
+end
+
+-- The concurrency step at one level: nil, or the limit that is full.
+local function parallel_short(lv, now)
+  if lv.parallel <= 0 then return nil end
+  if redis.call('ZCOUNT', lv.inf, '(' .. now, '+inf') >= lv.parallel then return lv.parallel end
+  return nil
+end
+
+-- Counts the request at one level and opens its in-flight record there (rate_short ran
+-- first: it opens a fresh window when the last one has closed).
+local function admit(lv, now, window, id, amount, expires, keep_ms)
+  if lv.fresh then
+    redis.call('HSET', lv.rec, 'win_start', now, 'win_requests', 1, 'win_tokens', 0)
+  else
+    redis.call('HINCRBY', lv.rec, 'win_requests', 1)
+  end
+  lv.requests = lv.requests + 1
+  redis.call('ZADD', lv.inf, expires, id)
+  redis.call('PEXPIRE', lv.inf, keep_ms)
+  if amount ~= '0' then redis.call('HINCRBY', lv.rec, 'reserved', amount) end
+end
+
+-- Closes the request's reservation at one level, if open. Returns 1 settled (open and
+-- not yet expired), 0 no open reservation, -1 it had expired (released, uncharged).
+local function release(lv, id, now)
+  local expires = redis.call('ZSCORE', lv.inf, id)
+  if not expires then return 0 end
+  redis.call('ZREM', lv.inf, id)
+  local amount = reserved_by(id)
+  if amount ~= '0' then redis.call('HINCRBY', lv.rec, 'reserved', '-' .. amount) end
+  if tonumber(expires) <= now then return -1 end
+  return 1
+end
+
+-- Charges cost and tokens at one level (its budget period rolled first).
+local function charge(rec, now, cost, tokens, window, next_month)
+  local b = redis.call('HMGET', rec, 'budget_reset_at', 'budget_period_ms', 'win_start')
+  roll_budget(rec, now, b[1], b[2], next_month)
+  redis.call('HINCRBY', rec, 'spent', cost)
+  if now >= (tonumber(b[3]) or 0) + window then
+    redis.call('HSET', rec, 'win_start', now, 'win_requests', 0, 'win_tokens', tokens)
+  else
+    redis.call('HINCRBY', rec, 'win_tokens', tokens)
+  end
+end

@@ -1,8 +1,12 @@
--- Charge one completed request to a key, once per request id.
--- (keys/lua/_lib.lua is prepended: roll_budget)
+-- Charge one completed request to its key, and to the budgets above it, once per
+-- request id; close the request's reservation (its in-flight record) at every level.
+-- (keys/lua/_lib.lua is prepended: release, charge)
 -- KEYS[1]  the key's record hash, vk:{<id>}
 -- KEYS[2]  the request's idempotency marker, vk:{<id>}:req:<request_id>
 -- KEYS[3]  the key's rollup for today, vk:{<id>}:usage:<yyyymmdd>
+-- KEYS[4]  the key's open reservations, vk:{<id>}:inflight
+-- KEYS[5]  the key's per-model windows, vk:{<id>}:mwin
+-- KEYS[6..] levels inline (single Redis): user record and in-flight set, then the team's
 -- ARGV[1]  now, ms since the epoch
 -- ARGV[2]  cost, integer nano-USD
 -- ARGV[3]  total tokens (counted against TPM)
@@ -13,35 +17,64 @@
 -- ARGV[8]  rate window length, ms
 -- ARGV[9]  seconds to keep the daily rollup
 -- ARGV[10] the first instant of next month (UTC), ms, for monthly budgets
--- returns {status, spent, max_budget}: status 0 unknown key, 1 charged, 2 duplicate,
---   3 refused: the charge would overflow an int64 counter (money as integer strings)
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, '0', '0'} end
-local f = redis.call('HMGET', KEYS[1], 'spent', 'max_budget', 'win_tokens')
-if redis.call('EXISTS', KEYS[2]) == 1 then return {2, f[1], f[2]} end
+-- ARGV[11] the request id
+-- ARGV[12] inline or apart (as check.lua's ARGV[11])
+-- ARGV[13] the user id whose budget KEYS[6..7] are; ARGV[14] the team id after it
+-- returns {status, spent, max_budget, settled, user_id, team_id, reserved}: status 0 unknown key,
+--   1 charged, 2 duplicate, 3 refused: the charge would overflow an int64 counter,
+--   10 inline levels needed and not given (or not these); settled 1 the request's
+--   reservation was open and is now closed, 0 none was open, -1 it had expired
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, '0', '0', 0, '', ''} end
+local f = redis.call('HMGET', KEYS[1], 'spent', 'max_budget', 'win_tokens', 'user_id', 'team_id')
+local user_id, team_id = f[4] or '', f[5] or ''
+if ARGV[12] == 'inline' and (ARGV[13] ~= user_id or ARGV[14] ~= team_id) then
+  return {10, f[1], f[2], 0, user_id, team_id}
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {2, f[1], f[2], 0, user_id, team_id} end
 -- refused before the request id is used, so a corrected retry can still charge it
 -- (9.2e18 stays below 2^63 by far more than a double's rounding at that size)
 if tonumber(f[1]) + tonumber(ARGV[2]) > 9.2e18 or tonumber(f[3]) + tonumber(ARGV[3]) > 9.2e18 then
-  return {3, f[1], f[2]}
+  return {3, f[1], f[2], 0, user_id, team_id}
 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[7])
 local now = tonumber(ARGV[1])
-local b = redis.call('HMGET', KEYS[1], 'budget_reset_at', 'budget_period_ms')
-roll_budget(KEYS[1], now, b[1], b[2], tonumber(ARGV[10]))
-redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
+local window = tonumber(ARGV[8])
+local next_month = tonumber(ARGV[10])
+local id, cost, tokens = ARGV[11], ARGV[2], ARGV[3]
 
-local start = tonumber(redis.call('HGET', KEYS[1], 'win_start'))
-if now >= start + tonumber(ARGV[8]) then
-  redis.call('HSET', KEYS[1], 'win_start', ARGV[1], 'win_requests', 0, 'win_tokens', ARGV[3])
-else
-  redis.call('HINCRBY', KEYS[1], 'win_tokens', ARGV[3])
-end
+local settled = release({rec = KEYS[1], inf = KEYS[4]}, id, now)
+charge(KEYS[1], now, cost, tokens, window, next_month)
 
 local model = ARGV[6]
+local ml = redis.call('HGET', KEYS[1], 'ml:' .. model)
+if ml then
+  local start = tonumber(redis.call('HGET', KEYS[5], 's:' .. model)) or 0
+  if now >= start + window then
+    redis.call('HSET', KEYS[5], 's:' .. model, now, 'r:' .. model, 0, 't:' .. model, tokens)
+  else
+    redis.call('HINCRBY', KEYS[5], 't:' .. model, tokens)
+  end
+  redis.call('PEXPIRE', KEYS[5], window * 2)
+end
+
+if ARGV[12] == 'inline' then
+  local k = 6
+  for _, scope_id in ipairs({user_id, team_id}) do
+    if scope_id ~= '' then
+      if redis.call('EXISTS', KEYS[k]) == 1 then
+        release({rec = KEYS[k], inf = KEYS[k + 1]}, id, now)
+        charge(KEYS[k], now, cost, tokens, window, next_month)
+      end
+      k = k + 2
+    end
+  end
+end
+
 redis.call('HINCRBY', KEYS[3], 'requests:' .. model, 1)
 redis.call('HINCRBY', KEYS[3], 'prompt_tokens:' .. model, ARGV[4])
 redis.call('HINCRBY', KEYS[3], 'completion_tokens:' .. model, ARGV[5])
-redis.call('HINCRBY', KEYS[3], 'cost:' .. model, ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'cost:' .. model, cost)
 redis.call('EXPIRE', KEYS[3], ARGV[9])
 
-local f = redis.call('HMGET', KEYS[1], 'spent', 'max_budget')
-return {1, f[1], f[2]}
+f = redis.call('HMGET', KEYS[1], 'spent', 'max_budget', 'reserved')
+return {1, f[1], f[2], settled, user_id, team_id, f[3] or '0'}

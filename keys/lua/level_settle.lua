@@ -1,0 +1,15 @@
+-- Redis Cluster: report_usage.lua's charge at one budget above the key, in its own slot,
+-- once per (key, request id) at this level (its own marker), so a retried report
+-- completes a level that a crash left uncharged and charges no level twice.
+-- (keys/lua/_lib.lua is prepended: release, charge)
+-- KEYS[1]  the budget's record   KEYS[2] its open reservations   KEYS[3] this level's marker
+-- ARGV[1]  now, ms   ARGV[2] the request id   ARGV[3] cost, nano-USD   ARGV[4] tokens
+-- ARGV[5]  rate window, ms   ARGV[6] next month start, ms   ARGV[7] seconds to keep the marker
+-- returns 0 no such budget, 1 charged, 2 charged before
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
+redis.call('SET', KEYS[3], 1, 'EX', ARGV[7])
+local now = tonumber(ARGV[1])
+release({rec = KEYS[1], inf = KEYS[2]}, ARGV[2], now)
+charge(KEYS[1], now, ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
+return 1
