@@ -82,7 +82,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         outcome = await self.decider.decide(
             http.path,
             headers,
-            lambda: requested_model(http.raw_body or http.body.encode(), headers),
+            lambda: requested_model(http.raw_body or http.body.encode(), headers, size),
             method=http.method,
             body_bytes=size,
         )

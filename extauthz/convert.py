@@ -54,6 +54,14 @@ def key_data(key: VirtualKey, now_ms: int) -> keys_pb2.KeyData:
         total_requests=key.total_requests,
         budget_duration=key.budget_duration,
         budget_reset_at=_timestamp(key.budget_reset_at_ms),
+        reserved=nanos_to_usd(key.reserved_nanos),
+        in_flight=key.in_flight,
+        max_parallel_requests=key.max_parallel,
+        model_limits={
+            m: keys_pb2.ModelLimit(rpm_limit=lim.rpm_limit, tpm_limit=lim.tpm_limit)
+            for m, lim in key.model_limits.items()
+        },
+        enforce=key.enforce,
     )
 
 
@@ -130,6 +138,11 @@ def new_key(request: keys_pb2.CreateKeyRequest) -> NewKey:
             expires_days=request.expires_days if has("expires_days") else None,
             metadata=dict(request.metadata),
             budget_duration=request.budget_duration,
+            max_parallel_requests=request.max_parallel_requests
+            if has("max_parallel_requests")
+            else None,
+            model_limits=_limits(request.model_limits) or None,
+            enforce=request.enforce if has("enforce") else None,
         ),
         user_id=request.user_id,
         team_id=request.team_id,
@@ -164,6 +177,9 @@ def key_spec(new: NewKey, settings: Settings, now_ms: int, user_id: str) -> KeyS
         rpm_limit=settings.default_rpm if c.rpm_limit is None else c.rpm_limit,
         metadata=c.metadata or {},
         budget=c.budget or NO_PERIOD,
+        max_parallel=settings.default_parallel if c.max_parallel is None else c.max_parallel,
+        model_limits=c.model_limits or {},
+        enforce=True if c.enforce is None else c.enforce,
     )
 
 
@@ -202,7 +218,16 @@ def _typed_fields(request: keys_pb2.UpdateKeyRequest) -> KeyFields:
         expires_days=request.expires_days if has("expires_days") else None,
         metadata=dict(request.metadata.entries) if has("metadata") else None,
         budget_duration=request.budget_duration if has("budget_duration") else None,
+        max_parallel_requests=request.max_parallel_requests
+        if has("max_parallel_requests")
+        else None,
+        model_limits=_limits(request.model_limits.limits) if has("model_limits") else None,
+        enforce=request.enforce if has("enforce") else None,
     )
+
+
+def _limits(limits: Mapping[str, keys_pb2.ModelLimit]) -> dict[str, dict[str, int]]:
+    return {m: {"rpm_limit": v.rpm_limit, "tpm_limit": v.tpm_limit} for m, v in limits.items()}
 
 
 # A key's other fields, as GetKey shows them: sending one back is a clear error, not a no-op.
@@ -341,6 +366,22 @@ def _metadata(field: str, value: object) -> dict[str, str]:
     return {str(k): v for k, v in value.items()}
 
 
+def _boolean(field: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{field} must be true or false")
+    return value
+
+
+def _model_limits(field: str, value: object) -> dict[str, dict[str, int]]:
+    example = '{"gpt-4o": {"rpm_limit": 10, "tpm_limit": 20000}}'
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise InvalidArgument(f"{field} must be an object like {example}")
+    return {
+        str(model): {str(k): _whole(f"{field} {k}", v) for k, v in limits.items()}
+        for model, limits in value.items()
+    }
+
+
 _JSON_TYPES: dict[str, Callable[[str, object], Any]] = {
     "name": _string,
     "allowed_models": _strings,
@@ -350,6 +391,9 @@ _JSON_TYPES: dict[str, Callable[[str, object], Any]] = {
     "expires_days": _whole,
     "metadata": _metadata_patch,
     "budget_duration": _string,
+    "max_parallel_requests": _whole,
+    "model_limits": _model_limits,
+    "enforce": _boolean,
 }
 # A new key's map has nothing to merge into: a null entry is a wrong type, not a removal.
 _CREATE_TYPES: dict[str, Callable[[str, object], Any]] = {"metadata": _metadata}

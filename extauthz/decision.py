@@ -22,6 +22,7 @@ from keys.errors import StoreUnavailable
 from keys.keygen import ParsedKey
 from keys.model import BodyModel, Decision, Reason, RequestedModel
 from keys.pricing import PriceTable
+from keys.reservation import FREE, Estimate, estimate
 from keys.store import KeyStore
 
 log = logging.getLogger("extauthz.decision")
@@ -44,6 +45,7 @@ class Outcome:
     verdict: Verdict
     decision: Decision
     model: RequestedModel | None = None
+    estimate: Estimate = FREE  # what the Check reserved (or would have)
 
 
 PUBLIC: Final = Outcome(Verdict.PUBLIC, Decision(Reason.OK))
@@ -60,7 +62,9 @@ class Decider:
         *,
         public_paths: frozenset[str],
         fail_open: bool,
+        reserve_output_tokens: int = 4096,
     ) -> None:
+        self.reserve_output_tokens = reserve_output_tokens
         self.store = store
         self.metrics = metrics
         self.prices = prices
@@ -104,15 +108,18 @@ class Decider:
             if body_bytes > LARGE_BODY_BYTES and (refused := await self._refused(key)):
                 return refused
             model = model_of()
+            cost = estimate(self.prices, model, self.reserve_output_tokens)
             started = time.perf_counter()
             try:
-                decision = await self.store.check(key, model)
+                decision = await self.store.check(
+                    key, model, reserve_nanos=cost.amount_nanos, priced=cost.priced
+                )
             finally:
                 self.metrics.redis_check_latency.observe(time.perf_counter() - started)
         except StoreUnavailable:
             return self._unavailable(key, Verdict.UNVERIFIED, model)
         verdict = Verdict.ALLOW if decision.allowed else Verdict.DENY
-        return Outcome(verdict, decision, model)
+        return Outcome(verdict, decision, model, cost)
 
     async def verify_key(
         self, path: str, headers: Mapping[str, str], *, method: str = "GET"
@@ -172,15 +179,20 @@ class Decider:
         self.metrics.observe_check(label, seconds)
         if outcome.verdict is Verdict.ALLOW:
             self.metrics.count_request(decision.key_id, self._model_label(outcome))
+            self.metrics.count_reservation(decision, outcome.estimate.amount_nanos)
+            if decision.would_deny is not None:
+                self.metrics.shadow_denials.labels(decision.would_deny.value).inc()
             log.debug("allowed", extra={"key_id": decision.key_id})
         elif outcome.verdict is Verdict.DENY:
             self.metrics.validation_failures.labels(decision.reason.value).inc()
+            self.metrics.reservations_expired.inc(decision.expired)
             log.info(
                 "denied",
                 extra={
                     "key_id": decision.key_id or None,
                     "reason": decision.reason.value,
                     "limit": decision.limit_hit,
+                    "level": decision.level.value,
                 },
             )
         elif outcome.verdict is Verdict.UNVERIFIED:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from keys.model import Decision
+from keys.money import nanos_to_usd
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -75,6 +78,34 @@ class Metrics:
             "extauthz_redis_up", "1 while the health watcher reaches Redis", registry=r
         )
 
+        self.reservations_opened = Counter(
+            "extauthz_reservations_opened_total",
+            "Reservations (in-flight records) opened by allowed Checks",
+            registry=r,
+        )
+        self.reservations_settled = Counter(
+            "extauthz_reservations_settled_total",
+            "Reservations closed by a usage report",
+            registry=r,
+        )
+        self.reservations_expired = Counter(
+            "extauthz_reservations_expired_total",
+            "Reservations released unreported after EXTAUTHZ_RESERVATION_TTL_SECONDS",
+            registry=r,
+        )
+        self.reserved_usd = Counter(
+            "extauthz_reserved_usd_total",
+            "USD reserved by allowed Checks, per level (key, user, team)",
+            [*key, "level"],
+            registry=r,
+        )
+        self.shadow_denials = Counter(
+            "extauthz_shadow_denials_total",
+            "Requests a key in shadow mode (enforce: false) let through that would be denied",
+            ["reason"],
+            registry=r,
+        )
+
         # children looked up once: labels() costs more than the increment itself
         self._request_children: dict[tuple[str, str], Counter] = {}
         self._check_children: dict[str, Histogram] = {}
@@ -95,6 +126,15 @@ class Metrics:
             child = self.key_requests.labels(*self._key(key_id), model)
             self._request_children[(key_id, model)] = child
         child.inc()
+
+    def count_reservation(self, decision: Decision, amount_nanos: int) -> None:
+        """An allowed Check opened a reservation at each of `decision.levels`."""
+        self.reservations_opened.inc()
+        self.reservations_expired.inc(decision.expired)
+        if amount_nanos:
+            usd = nanos_to_usd(amount_nanos)
+            for level in decision.levels:
+                self.reserved_usd.labels(*self._key(decision.key_id), level.value).inc(usd)
 
     def count_usage(self, key_id: str, model: str, tokens: int, cost_usd: float) -> None:
         self.key_tokens.labels(*self._key(key_id), model).inc(tokens)

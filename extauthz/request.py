@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import orjson
@@ -42,10 +43,39 @@ def presented_key(headers: Mapping[str, str]) -> ParsedKey | None:
     return None if candidate is None else parse_key(candidate)
 
 
-def requested_model(body: bytes, headers: Mapping[str, str]) -> RequestedModel:
+OUTPUT_CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+MAX_CHOICES = 128
+
+
+def requested_model(body: bytes, headers: Mapping[str, str], body_bytes: int = 0) -> RequestedModel:
     """The model the upstream will read: the body's (last `"model"` wins, as in Python's
-    json), checked against `x-preferred-model` when the client sends one."""
-    return _with_preferred(_body_model(body, headers), headers)
+    json), checked against `x-preferred-model` when the client sends one; with what
+    bounds the request's cost (keys/reservation.py). `body_bytes`: the body's full size
+    where Envoy sent only part of it."""
+    model = _with_preferred(_body_model(body, headers), headers)
+    return replace(model, body_bytes=max(len(body), body_bytes, _declared_length(headers)))
+
+
+def _declared_length(headers: Mapping[str, str]) -> int:
+    for name in ("content-length", ORIGINAL_LENGTH_HEADER):
+        value = headers.get(name, "").strip()
+        if value.isdigit() and len(value) <= 15:
+            return int(value)
+    return 0
+
+
+def _cost_bounds(document: dict[str, object]) -> tuple[int | None, int]:
+    """(the largest output-token cap the body names, or None; the choices it asks for).
+    A value the upstream would refuse (not a whole number, negative) bounds nothing."""
+    caps = [
+        value
+        for name in OUTPUT_CAP_FIELDS
+        if isinstance(value := document.get(name), int) and not isinstance(value, bool)
+        if value >= 0
+    ]
+    n = document.get("n")
+    choices = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+    return (max(caps) if caps else None), min(choices, MAX_CHOICES)
 
 
 def _body_model(body: bytes, headers: Mapping[str, str]) -> RequestedModel:
@@ -69,10 +99,10 @@ def _body_model(body: bytes, headers: Mapping[str, str]) -> RequestedModel:
         return UNREADABLE
     if any(k != "model" and k.casefold() == "model" for k in document):
         return UNREADABLE  # Go's encoding/json matches "Model" to a `model` field
+    cap, choices = _cost_bounds(document)
     model = document.get("model")
-    if not isinstance(model, str):
-        return UNREADABLE
-    return _named(model)
+    named = _named(model) if isinstance(model, str) else UNREADABLE
+    return replace(named, output_cap=cap, choices=choices)
 
 
 def _parse_json(body: bytes) -> object:
@@ -104,9 +134,11 @@ def _with_preferred(model: RequestedModel, headers: Mapping[str, str]) -> Reques
     if preferred is None:
         return model
     claimed = _named(preferred.strip())
-    if model.kind is BodyModel.NO_BODY or model == claimed:
+    if model.kind is BodyModel.NO_BODY:
         return claimed
-    return UNREADABLE
+    if model == claimed:
+        return model
+    return replace(UNREADABLE, output_cap=model.output_cap, choices=model.choices)
 
 
 def _named(model: str) -> RequestedModel:
@@ -129,9 +161,10 @@ def model_from_headers(headers: Mapping[str, str]) -> RequestedModel:
     """nginx sends no body to an auth subrequest: the model comes from `x-model` (which
     the model check then trusts). Without it, a request that carries a body (any method:
     a GET's body is read by some upstreams) counts as a body with no readable model."""
+    size = _declared_length(headers)
     model = headers.get("x-model")
     if model is not None:
-        return _with_preferred(_named(model.strip()), headers)
+        return replace(_with_preferred(_named(model.strip()), headers), body_bytes=size)
     method = headers.get("x-original-method", "GET").upper()
     length = headers.get(ORIGINAL_LENGTH_HEADER, "").strip()
     has_body = (
@@ -139,7 +172,7 @@ def model_from_headers(headers: Mapping[str, str]) -> RequestedModel:
         or length not in ("", "0")
         or bool(headers.get(ORIGINAL_TRANSFER_ENCODING_HEADER, "").strip())
     )
-    return _with_preferred(UNREADABLE if has_body else NO_BODY, headers)
+    return replace(_with_preferred(UNREADABLE if has_body else NO_BODY, headers), body_bytes=size)
 
 
 class AmbiguousUri(ValueError):

@@ -14,6 +14,7 @@ import json
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Final
 
 from envoy.config.core.v3 import base_pb2
@@ -23,11 +24,15 @@ from google.rpc import code_pb2, status_pb2
 
 from extauthz import wire
 from extauthz.decision import Outcome, Verdict
-from keys.model import Decision, LimitHit, Reason, RequestedModel, WindowCount
+from keys.model import Decision, Level, LimitHit, Reason, RequestedModel, WindowCount
+from keys.money import NANOS_PER_USD
+from keys.reservation import FREE, Estimate
 
 UNLIMITED = "unlimited"
 VIRTUAL_KEY_HEADER_PREFIX = "x-virtual-key-"
 UNVERIFIED_HEADER = "x-virtual-key-unverified"
+# Shadow mode: the error.code the request would have been denied with.
+WOULD_DENY_HEADER = "x-virtual-key-would-deny"
 # Names the allowed request for ReportUsage: fresh per request, never client-chosen.
 REQUEST_ID_HEADER = "x-virtual-key-request-id"
 
@@ -54,18 +59,33 @@ DENIALS: Final[Mapping[Reason, Denial]] = {
     Reason.MODEL_NOT_ALLOWED: Denial(
         403, code_pb2.PERMISSION_DENIED, "permission_error", "This API key may not use {model}."
     ),
+    Reason.MODEL_NOT_PRICED: Denial(
+        403,
+        code_pb2.PERMISSION_DENIED,
+        "permission_error",
+        "{model} has no price, and {where} has a budget: it would run uncharged. Ask an "
+        "admin to add it to the price table.",
+    ),
     Reason.BUDGET_EXCEEDED: Denial(
         402,
         code_pb2.PERMISSION_DENIED,
         "insufficient_quota",
-        "This API key has spent its budget. Raise the budget or use another key; "
+        "The budget of {where} cannot cover this request: ${free} of it is free, and this "
+        "request may cost up to ${cost}. {covers} Raise the budget or use another key; "
         "retrying will not help.",
     ),
     Reason.RATE_LIMIT_EXCEEDED: Denial(
         429,
         code_pb2.RESOURCE_EXHAUSTED,
         "{limit_kind}",
-        "Rate limit reached: {limit} {limit_kind} per minute. Retry after {retry_after}s.",
+        "Rate limit reached for {where}: {limit} {limit_kind} per minute. Retry after "
+        "{retry_after}s.",
+    ),
+    Reason.CONCURRENCY_LIMIT_EXCEEDED: Denial(
+        429,
+        code_pb2.RESOURCE_EXHAUSTED,
+        "requests",
+        "Too many requests in flight for {where}: {limit} at once. Retry after 1s.",
     ),
     Reason.AUTH_UNAVAILABLE: Denial(
         503,
@@ -89,23 +109,62 @@ def bad_request_parts(message: str) -> tuple[int, list[tuple[str, str]], bytes]:
     return 400, [("content-type", "application/json")], body
 
 
+def _where(decision: Decision, model: RequestedModel | None) -> str:
+    """The level a limit sits at, in words (ids are not secrets; the key is named by id)."""
+    if decision.level is Level.USER:
+        return f"user {json.dumps(decision.user_id)}"
+    if decision.level is Level.TEAM:
+        return f"team {json.dumps(decision.team_id)}"
+    if decision.level is Level.MODEL and model is not None:
+        return f"model {json.dumps(model.name)} on this API key"
+    return "this API key"
+
+
+def _usd(nanos: int) -> str:
+    return f"{Decimal(nanos) / NANOS_PER_USD:.6f}".rstrip("0").rstrip(".") or "0"
+
+
+def _covers(decision: Decision, estimate: Estimate) -> str:
+    tokens = estimate.max_tokens_within(decision.free_nanos)
+    if tokens <= 0:
+        return "No max_tokens fits in what is free."
+    return f"The largest max_tokens it covers for this request is {tokens}."
+
+
 def denial_parts(
-    decision: Decision, model: RequestedModel | None = None
+    decision: Decision, model: RequestedModel | None = None, estimate: Estimate = FREE
 ) -> tuple[int, list[tuple[str, str]], bytes]:
     """(HTTP status, client headers, JSON body) of a denial; shared with nginx's /auth."""
     denial = DENIALS[decision.reason]
     headers = [("content-type", "application/json")]
-    fields: dict[str, object] = {}
+    fields: dict[str, object] = {"where": _where(decision, model)}
     if decision.reason is Reason.RATE_LIMIT_EXCEEDED:
-        fields = {
+        fields |= {
             "limit": decision.denying_window.limit,
             "limit_kind": "requests" if decision.limit_hit is LimitHit.RPM else "tokens",
             "retry_after": decision.retry_after_s,
         }
         headers.append(("retry-after", str(decision.retry_after_s)))
         headers.extend(rate_limit_headers(decision))
+    elif decision.reason is Reason.CONCURRENCY_LIMIT_EXCEEDED:
+        fields["limit"] = decision.parallel_limit
+        headers.append(("retry-after", "1"))
+        headers.extend(rate_limit_headers(decision))
+    elif decision.reason is Reason.BUDGET_EXCEEDED:
+        fields |= {
+            "free": _usd(decision.free_nanos),
+            "cost": _usd(estimate.amount_nanos),
+            "covers": _covers(decision, estimate),
+        }
+    elif decision.reason is Reason.MODEL_NOT_PRICED:
+        fields["model"] = (
+            json.dumps(model.name)
+            if model is not None and model.name
+            else "This request's model (its body is not JSON naming one, or is larger "
+            "than the proxy forwards)"
+        )
     elif decision.reason is Reason.MODEL_NOT_ALLOWED:
-        fields = {
+        fields |= {
             "model": json.dumps(model.name)
             if model is not None and model.name
             else "a model it cannot read from this request body (only keys allowed every "
@@ -147,9 +206,10 @@ def _window(window: WindowCount) -> tuple[str, str, str]:
     return str(window.limit), str(window.remaining), f"{window.reset_s}s"
 
 
-def request_id_header() -> tuple[str, str]:
-    """128 random bits in hex: the id the load balancer reports usage under."""
-    return REQUEST_ID_HEADER, secrets.token_hex(16)
+def request_id_header(decision: Decision) -> tuple[str, str]:
+    """The id the request's usage is reported under: the reservation's id (the store
+    drew it); 128 random bits where no reservation was opened (fail-open)."""
+    return REQUEST_ID_HEADER, decision.request_id or secrets.token_hex(16)
 
 
 def upstream_identity(decision: Decision) -> list[tuple[str, str]]:
@@ -207,8 +267,11 @@ def allowed(outcome: Outcome) -> Allowed:
     if outcome.verdict is Verdict.UNVERIFIED:
         # Redis is down: the claimed key id passes, marked as unverified
         upstream = [("x-virtual-key-id", decision.key_id), (UNVERIFIED_HEADER, "true")]
-        return Allowed(upstream, [request_id_header()], [])
-    return Allowed(upstream_identity(decision), [request_id_header()], rate_limit_headers(decision))
+        return Allowed(upstream, [request_id_header(decision)], [])
+    upstream = upstream_identity(decision)
+    if decision.would_deny is not None:
+        upstream.append((WOULD_DENY_HEADER, decision.would_deny.value))
+    return Allowed(upstream, [request_id_header(decision)], rate_limit_headers(decision))
 
 
 def envoy(
@@ -216,7 +279,7 @@ def envoy(
 ) -> bytes | external_auth_pb2.CheckResponse:
     """A CheckResponse: allows hand-encoded (extauthz/wire.py), denials as messages."""
     if outcome.verdict is Verdict.DENY:
-        return envoy_deny(outcome.decision, outcome.model)
+        return envoy_deny(outcome.decision, outcome.model, outcome.estimate)
     if outcome.verdict is Verdict.KEY_VERIFIED:
         return wire.ok_check_response([], [], [])  # nothing changes until the full Check
     allow = allowed(outcome)
@@ -233,16 +296,16 @@ def nginx(outcome: Outcome) -> tuple[int, list[tuple[str, str]], bytes]:
     and to the client, else the same status, headers and JSON body as through Envoy. The
     body also travels in `x-extauthz-body`, since nginx keeps only a subrequest's headers."""
     if outcome.verdict is Verdict.DENY:
-        status, headers, body = denial_parts(outcome.decision, outcome.model)
+        status, headers, body = denial_parts(outcome.decision, outcome.model, outcome.estimate)
         return status, [*headers, ("x-extauthz-body", body.decode())], body
     allow = allowed(outcome)
     return 200, [*allow.upstream, *allow.fresh, *allow.client], b""
 
 
 def envoy_deny(
-    decision: Decision, model: RequestedModel | None = None
+    decision: Decision, model: RequestedModel | None = None, estimate: Estimate = FREE
 ) -> external_auth_pb2.CheckResponse:
-    status, headers, body = denial_parts(decision, model)
+    status, headers, body = denial_parts(decision, model, estimate)
     denied = external_auth_pb2.DeniedHttpResponse(
         status=http_status_pb2.HttpStatus(code=status),
         headers=_options(headers),

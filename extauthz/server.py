@@ -70,10 +70,17 @@ async def serve(settings: Settings) -> None:
         redis,
         dedup_ttl_s=settings.usage_dedup_ttl_s,
         usage_retention_days=settings.usage_retention_days,
+        budget_mode=settings.budget_mode,
+        reservation_ttl_s=settings.reservation_ttl_s,
     )
     metrics = Metrics(per_key=settings.metrics_per_key)
     decider = Decider(
-        store, metrics, prices, public_paths=settings.public_paths, fail_open=settings.fail_open
+        store,
+        metrics,
+        prices,
+        public_paths=settings.public_paths,
+        fail_open=settings.fail_open,
+        reserve_output_tokens=settings.reserve_output_tokens,
     )
 
     # gRPC sets SO_REUSEPORT by default, which lets a stray second server on the same

@@ -76,6 +76,17 @@ def usd(name: str, raw: str) -> int:
 usd.__doc__ = f"0..{MAX_USD} USD"
 
 
+def choice(*allowed: str) -> Parse:
+    def parse(name: str, raw: str) -> Any:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
+        return value
+
+    parse.__doc__ = " | ".join(allowed)
+    return parse
+
+
 def paths(name: str, raw: str) -> frozenset[str]:
     return frozenset(p.strip() for p in raw.split(",") if p.strip())
 
@@ -153,6 +164,35 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable("VIRTUAL_KEY_DEFAULT_RPM", "default_rpm", "60", integer(0, MAX_LIMIT), "default RPM"),
     Variable(
+        "VIRTUAL_KEY_DEFAULT_PARALLEL",
+        "default_parallel",
+        "0",
+        integer(0, MAX_LIMIT),
+        "max_parallel_requests of keys created without it (0: no limit)",
+    ),
+    Variable(
+        "EXTAUTHZ_BUDGET_MODE",
+        "budget_mode",
+        "reserve",
+        choice("reserve", "after"),
+        "reserve: Check reserves an upper bound of the cost; after: budgets checked "
+        "against spend only",
+    ),
+    Variable(
+        "EXTAUTHZ_RESERVE_OUTPUT_TOKENS",
+        "reserve_output_tokens",
+        "4096",
+        integer(1, 10_000_000),
+        "output tokens reserved when neither the request nor the price table bounds them",
+    ),
+    Variable(
+        "EXTAUTHZ_RESERVATION_TTL_SECONDS",
+        "reservation_ttl_s",
+        "900",
+        integer(1, 86_400),
+        "an unreported reservation (and its concurrency slot) is released after this",
+    ),
+    Variable(
         "VIRTUAL_KEY_MAX_EXPIRES_DAYS",
         "max_expires_days",
         "365",
@@ -227,6 +267,10 @@ class Settings:
     default_budget_nanos: int
     default_tpm: int
     default_rpm: int
+    default_parallel: int
+    budget_mode: str
+    reserve_output_tokens: int
+    reservation_ttl_s: int
     max_expires_days: int
     usage_dedup_ttl_s: int
     usage_retention_days: int

@@ -105,6 +105,10 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
             log.info("duplicate usage report", extra={"key_id": report.key_id})
         else:
             self.metrics.usage_reports.labels("charged").inc()
+            if result.settled:
+                self.metrics.reservations_settled.inc()
+            if result.expired:
+                self.metrics.reservations_expired.inc()
             model_label = self.prices.label(report.model)
             self.metrics.count_usage(
                 report.key_id, model_label, report.total_tokens, nanos_to_usd(report.cost_nanos)
@@ -116,6 +120,7 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
             spent=nanos_to_usd(result.spent_nanos),
             budget_remaining=None if remaining is None else nanos_to_usd(remaining),
             total_tokens=report.total_tokens,
+            settled=result.settled,
         )
 
     @rpc_errors

@@ -119,6 +119,7 @@ class Decision:
     # Shadow mode (the key's `enforce` off): allowed, but this is what it would have got.
     would_deny: Reason | None = None
     expired: int = 0  # reservations found expired (and released) by this Check
+    levels: tuple[Level, ...] = ()  # allowed: where it was reserved (key, user, team)
 
     @property
     def allowed(self) -> bool:

@@ -32,6 +32,9 @@ _SHOWN_MODEL_CHARS = 64
 class Price:
     input_per_mtok: Decimal
     output_per_mtok: Decimal
+    # The most output tokens the model returns for one request (its context's output
+    # cap): what a Check reserves for a request that names no max_tokens. None: unknown.
+    max_output_tokens: int | None = None
 
 
 # Public list prices, USD per 1M tokens (input, output). Override with EXTAUTHZ_PRICES.
@@ -63,6 +66,37 @@ BUILTIN_PRICES: Mapping[str, tuple[str, str]] = {
     "claude-opus-4": ("15", "75"),
     "claude-3-haiku": ("0.25", "1.25"),
     "claude-3-5-haiku": ("0.8", "4"),
+}
+
+# Output caps (tokens), the providers' documented maximum per response.
+BUILTIN_OUTPUT_CAPS: Mapping[str, int] = {
+    "gpt-4": 8192,
+    "gpt-4-32k": 8192,
+    "gpt-4-turbo": 4096,
+    "gpt-4o": 16384,
+    "gpt-4o-2024-05-13": 4096,
+    "gpt-4o-mini": 16384,
+    "gpt-4.1": 32768,
+    "gpt-4.1-mini": 32768,
+    "gpt-4.1-nano": 32768,
+    "gpt-3.5-turbo": 4096,
+    "gpt-3.5-turbo-1106": 4096,
+    "o1": 100_000,
+    "o1-pro": 100_000,
+    "o1-mini": 65_536,
+    "o3": 100_000,
+    "o3-pro": 100_000,
+    "o3-mini": 100_000,
+    "o4-mini": 100_000,
+    "text-embedding-3-small": 0,
+    "text-embedding-3-large": 0,
+    "claude-3-opus": 4096,
+    "claude-3-5-sonnet": 8192,
+    "claude-3-7-sonnet": 64_000,
+    "claude-sonnet-4": 64_000,
+    "claude-opus-4": 32_000,
+    "claude-3-haiku": 4096,
+    "claude-3-5-haiku": 8192,
 }
 
 # Other names the providers serve the same model (at the same price) under.
@@ -99,13 +133,17 @@ class PriceTable:
 
     @classmethod
     def builtin(cls) -> PriceTable:
-        prices = {m: Price(Decimal(i), Decimal(o)) for m, (i, o) in BUILTIN_PRICES.items()}
+        prices = {
+            m: Price(Decimal(i), Decimal(o), BUILTIN_OUTPUT_CAPS.get(m))
+            for m, (i, o) in BUILTIN_PRICES.items()
+        }
         return cls(prices, BUILTIN_ALIASES)
 
     @classmethod
     def load(cls, path: str | Path) -> PriceTable:
         """A YAML or JSON mapping:
-        `model: {input: <USD/1M>, output: <USD/1M>, aliases: [other names]}` (aliases optional).
+        `model: {input: <USD/1M>, output: <USD/1M>, max_output_tokens: N, aliases: [names]}`
+        (max_output_tokens and aliases optional).
         """
         text = Path(path).read_text()
         raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
@@ -116,7 +154,12 @@ class PriceTable:
         for model, entry in raw.items():
             if not isinstance(entry, dict) or {"input", "output"} - entry.keys():
                 raise ValueError(f"price table {path}: {model!r} needs input and output")
-            price = Price(_decimal(entry["input"]), _decimal(entry["output"]))
+            cap = entry.get("max_output_tokens")
+            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+                raise ValueError(
+                    f"price table {path}: {model!r} max_output_tokens must be a whole number"
+                )
+            price = Price(_decimal(entry["input"]), _decimal(entry["output"]), cap)
             if price.input_per_mtok < 0 or price.output_per_mtok < 0:
                 raise ValueError(f"price table {path}: {model!r} has a negative price")
             prices[str(model)] = price

@@ -98,6 +98,7 @@ class CheckReply:
     expired: int = 0  # reservations this call found expired and released
     short: Shortfall | None = None  # the denial, or in shadow mode the would-be denial
     enforce: bool = True  # False: the key is in shadow mode
+    levels: tuple[str, ...] = ()  # where the request was checked (and, allowed, reserved)
 
 
 def decode_check(reply: Any) -> CheckReply:
@@ -123,6 +124,7 @@ def decode_check(reply: Any) -> CheckReply:
         if short_code is CheckCode.ALLOWED
         else Shortfall(short_code, reply[11], str(reply[12]), int(reply[13]), int(reply[14])),
         enforce=int(reply[15]) == 1,
+        levels=tuple(reply[16].split(",")),
     )
 
 

@@ -251,7 +251,8 @@ class KeyStore:
         refused = next((lv.short for lv in levels if lv.short and lv.enforced), None)
         if refused is None:
             shadow = reply.short or next((lv.short for lv in levels if lv.short), None)
-            return replace(reply, short=shadow)
+            admitted_at = [s for (s, _), lv in zip(scopes, levels, strict=True) if lv.admitted]
+            return replace(reply, short=shadow, levels=(*reply.levels, *admitted_at))
         admitted = (
             [keyspace.record_key(key_id), keyspace.inflight_key(key_id)],
             *(
@@ -282,6 +283,7 @@ class KeyStore:
             request_id=reply.request_id if allowed else "",
             would_deny=_REASONS[short.code] if allowed and short is not None else None,
             expired=reply.expired,
+            levels=tuple(Level(name) for name in reply.levels) if allowed else (),
             **fields,
         )
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from keys.budget import parse_duration
 from keys.errors import InvalidArgument
 from keys.keygen import is_key_id
-from keys.model import ALL_MODELS, KeyUpdate
+from keys.model import ALL_MODELS, KeyUpdate, ModelLimit
 from keys.money import MAX_USD, usd_to_nanos
 
 MAX_NAME_CHARS = 256
@@ -89,6 +89,31 @@ def models(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(cleaned))
 
 
+def model_limits(values: Mapping[str, Mapping[str, int]]) -> dict[str, ModelLimit]:
+    """`model_limits`: exact model name -> {rpm_limit, tpm_limit} (0 or left out: none)."""
+    if len(values) > MAX_MODELS:
+        raise InvalidArgument(f"model_limits has more than {MAX_MODELS} entries")
+    checked: dict[str, ModelLimit] = {}
+    for model, limits in values.items():
+        name = text("model_limits model", model, required=True, max_chars=MAX_MODEL_CHARS)
+        if name == ALL_MODELS:
+            raise InvalidArgument(
+                "model_limits names exact models; the key's own rpm_limit and tpm_limit "
+                "cover every model"
+            )
+        unknown = sorted(set(limits) - {"rpm_limit", "tpm_limit"})
+        if unknown:
+            raise InvalidArgument(
+                f"model_limits[{name[:64]!r}] takes rpm_limit and tpm_limit, not "
+                + ", ".join(repr(u[:64]) for u in unknown[:5])
+            )
+        checked[name] = ModelLimit(
+            limit("model_limits rpm_limit", limits.get("rpm_limit", 0)),
+            limit("model_limits tpm_limit", limits.get("tpm_limit", 0)),
+        )
+    return checked
+
+
 def metadata(values: Mapping[str, str]) -> dict[str, str]:
     if len(values) > MAX_METADATA_ENTRIES:
         raise InvalidArgument(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
@@ -149,6 +174,9 @@ class KeyFields:
     expires_days: int | None = None
     metadata: Mapping[str, str] | None = None
     budget_duration: str | None = None
+    max_parallel_requests: int | None = None
+    model_limits: Mapping[str, Mapping[str, int]] | None = None
+    enforce: bool | None = None
 
     def sent(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -173,4 +201,9 @@ def key_changes(sent: KeyFields, *, max_expires_days: int, now_ms: int) -> KeyUp
         else now_ms + expires_days(days, max_expires_days) * DAY_MS,
         metadata=None if sent.metadata is None else metadata(sent.metadata),
         budget=None if sent.budget_duration is None else parse_duration(sent.budget_duration),
+        max_parallel=None
+        if sent.max_parallel_requests is None
+        else limit("max_parallel_requests", sent.max_parallel_requests),
+        model_limits=None if sent.model_limits is None else model_limits(sent.model_limits),
+        enforce=sent.enforce,
     )

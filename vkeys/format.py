@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,16 @@ def as_dict(message: Message) -> dict[str, Any]:
 # ---------------------------------------------------------------- keys
 
 
+def model_limits(limits: Mapping[str, keys_pb2.ModelLimit]) -> str:
+    return (
+        ", ".join(
+            f"{m}: rpm {limit(v.rpm_limit)}, tpm {limit(v.tpm_limit)}"
+            for m, v in sorted(limits.items())
+        )
+        or "-"
+    )
+
+
 def key_details(data: keys_pb2.KeyData) -> str:
     remaining = usd(data.budget_remaining) if data.HasField("budget_remaining") else "unlimited"
     fields = [
@@ -78,11 +88,15 @@ def key_details(data: keys_pb2.KeyData) -> str:
         ("allowed_models", models(data.allowed_models)),
         ("max_budget", budget(data.max_budget)),
         ("spent", usd(data.spent)),
+        ("reserved", usd(data.reserved)),
         ("budget_remaining", remaining),
         ("budget_duration", data.budget_duration or "-"),
         ("budget_reset_at", when(data.budget_reset_at, unset="-")),
         ("tpm_limit", limit(data.tpm_limit)),
         ("rpm_limit", limit(data.rpm_limit)),
+        ("in_flight", f"{data.in_flight:,} of {limit(data.max_parallel_requests)}"),
+        ("model_limits", model_limits(data.model_limits)),
+        ("enforce", "yes" if data.enforce else "no (shadow mode: nothing is denied)"),
         ("total_requests", f"{data.total_requests:,}"),
         ("last_used", when(data.last_used)),
         ("metadata", ", ".join(f"{k}={v}" for k, v in sorted(data.metadata.items())) or "-"),

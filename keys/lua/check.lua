@@ -23,13 +23,13 @@
 -- ARGV[14] budget mode: reserve or after
 -- returns {code} for codes 1-3; {10, user_id, team_id} when inline levels are needed and
 -- not given (or not these); else {code, user_id, team_id, rpm_limit, requests, tpm_limit,
--- tokens, reset_ms, request_id, expired, shadow_code, level, d1, d2, d3, enforce}:
+-- tokens, reset_ms, request_id, expired, shadow_code, level, d1, d2, d3, enforce, levels}:
 --   code 0 allowed and counted, 1 unknown key or wrong secret, 2 revoked, 3 expired,
 --   4 model not allowed, 5 budget, 6 over RPM, 7 over TPM, 8 model not priced,
 --   9 concurrency; shadow_code: what a key with enforce off would have got (0 none);
 --   level: key, model, user or team (of the denial); d1..d3: budget: the nano-USD free;
 --   rate: limit, used, ms until reset; concurrency: the limit; enforce: 1, or 0 in
---   shadow mode (the levels on Cluster are told).
+--   shadow mode (the levels on Cluster are told); levels: the levels checked, comma-joined.
 local now = tonumber(ARGV[2])
 local model_kind, model = ARGV[3], ARGV[4]
 local window = tonumber(ARGV[5])
@@ -107,9 +107,12 @@ end
 
 local key = levels[1]
 local shadow = f[4] == '0'
+local names = levels[1].name
+for i = 2, #levels do names = names .. ',' .. levels[i].name end
 local function reply(code, id)
   local r = {code, user_id, team_id, key.rpm, key.requests, key.tpm, key.tokens,
-    key.start + window - now, id or '', key.expired, 0, '', '', 0, 0, shadow and 0 or 1}
+    key.start + window - now, id or '', key.expired, 0, '', '', 0, 0, shadow and 0 or 1,
+    names}
   if short then
     r[11], r[12], r[13], r[14], r[15] = short[1], short[2], short[3], short[4], short[5]
   end

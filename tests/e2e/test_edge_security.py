@@ -19,7 +19,8 @@ from tests.helpers import Clients, HttpReply, chat_body, fetch
 pytestmark = pytest.mark.e2e
 CHAT = "/v1/chat/completions"
 JSON = {"content-type": "application/json"}
-HEX_128 = re.compile(r"[0-9a-f]{32}")
+# 96 random bits, then the nano-USD the request reserved (keys/keyspace.reservation_id)
+REQUEST_ID = re.compile(r"[0-9a-f]{24}-[0-9]+")
 
 
 def error_code(reply: HttpReply) -> str:
@@ -60,7 +61,7 @@ def test_upstream_gets_a_fresh_request_id_replacing_the_clients(
         headers = {**JSON, **bearer(key), "x-virtual-key-request-id": "chosen-by-client"}
         assert fetch(envoy.port, "POST", CHAT, headers, chat_body()).status == 200
         seen.append(upstream.seen[-1].headers["x-virtual-key-request-id"])
-    assert all(HEX_128.fullmatch(rid) for rid in seen)
+    assert all(REQUEST_ID.fullmatch(rid) for rid in seen)
     assert seen[0] != seen[1]
 
 
@@ -84,7 +85,7 @@ def test_nginx_passes_the_checks_request_id_upstream(
     key, _ = clients.create_key()
     headers = {**JSON, **bearer(key), "x-model": "gpt-4", "x-virtual-key-request-id": "mine"}
     assert fetch(nginx.port, "POST", CHAT, headers, chat_body()).status == 200
-    assert HEX_128.fullmatch(upstream.seen[-1].headers["x-virtual-key-request-id"])
+    assert REQUEST_ID.fullmatch(upstream.seen[-1].headers["x-virtual-key-request-id"])
     assert upstream.reported[-1] == upstream.seen[-1].headers["x-virtual-key-request-id"]
 
 

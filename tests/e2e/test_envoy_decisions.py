@@ -211,30 +211,54 @@ def test_non_json_body_is_403_for_a_model_restricted_key(envoy: Envoy, clients: 
     )
 
 
+OVERSIZED_BODY = json.dumps(
+    {"model": "gpt-4", "messages": [{"role": "user", "content": "x" * (1024 * 1024 + 10)}]}
+).encode()
+
+
 def test_body_over_the_envoy_limit_is_403_for_restricted_and_200_for_open_keys(
     envoy: Envoy, clients: Clients
 ) -> None:
-    padding = "x" * (1024 * 1024 + 10)
-    body = json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": padding}]})
     restricted, _ = clients.create_key(allowed_models=["gpt-4"])
-    open_key, _ = clients.create_key()
+    open_key, _ = clients.create_key(max_budget=0)
     assert_denied(
-        post(envoy, {"authorization": f"Bearer {restricted}"}, body.encode()),
+        post(envoy, {"authorization": f"Bearer {restricted}"}, OVERSIZED_BODY),
         403,
         "model_not_allowed",
     )
-    assert post(envoy, {"authorization": f"Bearer {open_key}"}, body.encode()).status == 200
+    assert post(envoy, {"authorization": f"Bearer {open_key}"}, OVERSIZED_BODY).status == 200
+
+
+def test_body_over_the_envoy_limit_is_model_not_priced_on_a_budgeted_key(
+    envoy: Envoy, clients: Clients
+) -> None:
+    """Its model cannot be read, so it cannot be priced: a budget would not hold."""
+    key, _ = clients.create_key(max_budget=50)
+    reply = post(envoy, {"authorization": f"Bearer {key}"}, OVERSIZED_BODY)
+    assert_denied(reply, 403, "model_not_priced")
 
 
 def test_spent_budget_is_402_and_not_retryable(envoy: Envoy, clients: Clients) -> None:
     key, data = clients.create_key(max_budget=0.001)
-    auth = {"authorization": f"Bearer {key}"}
-    assert post(envoy, auth, chat_body(max_tokens=100)).status == 200  # costs $0.0060
-    reply = post(envoy, auth, chat_body())
+    clients.report(data.id, "earlier", cost=0.001)
+    reply = post(envoy, {"authorization": f"Bearer {key}"}, chat_body(max_tokens=1))
     error = assert_denied(reply, 402, "budget_exceeded")
     assert error["type"] == "insufficient_quota"
     assert "retry-after" not in reply.headers
     assert clients.get_key(data.id).budget_remaining == 0
+
+
+def test_a_reservation_the_budget_cannot_hold_is_402_before_anything_is_spent(
+    envoy: Envoy, clients: Clients
+) -> None:
+    """gpt-4: $60/M output, $30/M input; 100 max_tokens and a 92-byte body reserve
+    $0.00876, so a $0.01 budget holds one such request in flight, not two."""
+    key, _ = clients.create_key(max_budget=0.01)
+    auth = {"authorization": f"Bearer {key}"}
+    assert post(envoy, auth, chat_body(max_tokens=100)).status == 200
+    error = assert_denied(post(envoy, auth, chat_body(max_tokens=100)), 402, "budget_exceeded")
+    assert "this API key" in error["message"]
+    assert "largest max_tokens" in error["message"]
 
 
 def test_sixth_request_in_a_minute_is_429_with_retry_after(envoy: Envoy, clients: Clients) -> None:

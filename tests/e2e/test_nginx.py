@@ -3,6 +3,8 @@ shipped: the client sees the same status, headers and JSON body as through Envoy
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -61,9 +63,18 @@ def test_post_without_x_model_passes_only_keys_allowed_every_model(
     nginx: Nginx, clients: Clients
 ) -> None:
     restricted, _ = clients.create_key(allowed_models=["gpt-4"])
-    open_key, _ = clients.create_key()
+    open_key, _ = clients.create_key(max_budget=0)
     assert post(nginx.port, {"x-api-key": restricted}, chat_body()).status == 403
     assert post(nginx.port, {"x-api-key": open_key}, chat_body()).status == 200
+
+
+def test_post_without_x_model_is_model_not_priced_on_a_budgeted_key(
+    nginx: Nginx, clients: Clients
+) -> None:
+    key, _ = clients.create_key(max_budget=50)
+    reply = post(nginx.port, {"x-api-key": key}, chat_body())
+    assert reply.status == 403
+    assert json.loads(reply.body)["error"]["code"] == "model_not_priced"
 
 
 def test_spent_budget_is_402_not_500(nginx: Nginx, clients: Clients) -> None:

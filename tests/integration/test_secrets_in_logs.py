@@ -15,14 +15,14 @@ pytestmark = pytest.mark.integration
 
 
 def test_full_scenario_logs_no_secret(server: Server, clients: Clients) -> None:
-    key, data = clients.create_key(rpm_limit=2, allowed_models=["gpt-4"], max_budget=0.01)
+    key, data = clients.create_key(rpm_limit=2, allowed_models=["gpt-4"], max_budget=2.0)
     auth = {"authorization": f"Bearer {key}"}
     clients.check(auth, chat_body())  # allowed
     clients.check(auth, chat_body("gpt-4o"))  # model not allowed
     clients.check({"x-api-key": key[:-2] + "zz"}, chat_body())  # tampered
     clients.check(auth, chat_body())
     clients.check(auth, chat_body())  # over RPM
-    clients.report(data.id, "req-1", cost=0.02)  # over budget
+    clients.report(data.id, "req-1", cost=2.5)  # over budget
     clients.check(auth, chat_body())
     clients.keys.ValidateKey(keys_pb2.ValidateKeyRequest(key=key))
     clients.keys.GetKey(keys_pb2.GetKeyRequest(id=data.id), metadata=bearer(key))
