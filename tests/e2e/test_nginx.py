@@ -4,7 +4,6 @@ shipped: the client sees the same status, headers and JSON body as through Envoy
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
