@@ -257,8 +257,8 @@ def test_a_reservation_the_budget_cannot_hold_is_402_before_anything_is_spent(
     auth = {"authorization": f"Bearer {key}"}
     assert post(envoy, auth, chat_body(max_tokens=100)).status == 200
     error = assert_denied(post(envoy, auth, chat_body(max_tokens=100)), 402, "budget_exceeded")
-    assert "this API key" in error["message"]
-    assert "largest max_tokens" in error["message"]
+    assert "this API key" in str(error["message"])
+    assert "largest max_tokens" in str(error["message"])
 
 
 def test_sixth_request_in_a_minute_is_429_with_retry_after(envoy: Envoy, clients: Clients) -> None:
