@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,6 +42,7 @@ from keys.model import (
 )
 from keys.scripts import CheckCode, CheckReply, ReportCode, Script, Settled, Shortfall
 
+log = logging.getLogger("keys.store")
 Clock = Callable[[], int]
 """Milliseconds since the epoch; injected so tests control time without sleeping."""
 
@@ -102,6 +104,7 @@ class KeyStore:
         usage_retention_days: int = 90,
         budget_mode: str = "reserve",
         reservation_ttl_s: int = 900,
+        abandoned_grace_s: float = 0.2,
     ) -> None:
         if budget_mode not in BUDGET_MODES:
             raise ValueError(f"budget mode {budget_mode!r}: use reserve or after")
@@ -111,10 +114,13 @@ class KeyStore:
         self.usage_ttl_s = (usage_retention_days + 1) * 86_400
         self.budget_mode = budget_mode
         self.reservation_ttl_ms = reservation_ttl_s * 1000
+        # how long an abandoned Check's script gets to land before its release
+        self.abandoned_grace_s = abandoned_grace_s
         # key id -> (user_id, team_id): fixed for a key's life (UpdateKey cannot change
         # them, ids are never reused), so a Check can name the budgets above a key in
         # its one script call. A miss costs one extra call (the script says whose).
         self._owners: dict[str, tuple[str, str]] = {}
+        self._orphans: set[asyncio.Future[None]] = set()  # releases in flight
 
     async def _run(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         try:
@@ -145,18 +151,55 @@ class KeyStore:
         now = self.clock()
         amount = reserve_nanos if self.budget_mode == "reserve" else 0
         token = secrets.token_hex(12)
-        owners = self._owners.get(key.key_id)
-        reply = await self._check_script(key, model, now, token, amount, priced, owners)
-        if reply.code is CheckCode.NEED_LEVELS:
-            owners = self._remember(key.key_id, reply.user_id, reply.team_id)
+        try:
+            owners = self._owners.get(key.key_id)
             reply = await self._check_script(key, model, now, token, amount, priced, owners)
-            if reply.code is CheckCode.NEED_LEVELS:  # pragma: no cover (owners are fixed)
-                raise StoreUnavailable("the key's user or team changed during a Check")
-        if reply.code in _IDENTITY:
-            return Decision(_REASONS[reply.code], key.key_id)
-        if self.redis.cluster and reply.code is CheckCode.ALLOWED:
-            reply = await self._admit_levels(key.key_id, reply, now, amount, priced)
+            if reply.code is CheckCode.NEED_LEVELS:
+                owners = self._remember(key.key_id, reply.user_id, reply.team_id)
+                reply = await self._check_script(key, model, now, token, amount, priced, owners)
+                if reply.code is CheckCode.NEED_LEVELS:  # pragma: no cover (owners are fixed)
+                    raise StoreUnavailable("the key's user or team changed during a Check")
+            if reply.code in _IDENTITY:
+                return Decision(_REASONS[reply.code], key.key_id)
+            if self.redis.cluster and reply.code is CheckCode.ALLOWED:
+                reply = await self._admit_levels(key.key_id, reply, now, amount, priced)
+        except asyncio.CancelledError:
+            # The caller gave up (Envoy's timeout): the script may have run, and nobody
+            # will ever hear its request id. Release it now rather than after the TTL.
+            orphan = asyncio.ensure_future(
+                self.release(
+                    key.key_id,
+                    keyspace.reservation_id(token, amount),
+                    now,
+                    after_s=self.abandoned_grace_s,
+                )
+            )
+            self._orphans.add(orphan)
+            orphan.add_done_callback(self._orphans.discard)
+            raise
         return self._decision(key.key_id, reply)
+
+    async def release(
+        self, key_id: str, request_id: str, admitted_ms: int, *, after_s: float = 0
+    ) -> None:
+        """Closes a reservation no report will settle, at the key and the budgets above it
+        (uncharged, its request uncounted). A no-op where it is not open. `after_s` lets a
+        script already on its way (on another connection) land first; should the release
+        still overtake it, the reservation expires with the TTL like any unreported one."""
+        await asyncio.sleep(after_s)
+        owners = self._owners.get(key_id, ("", ""))
+        targets = [(keyspace.record_key(key_id), keyspace.inflight_key(key_id))] + [
+            (keyspace.level_key(scope, scope_id), keyspace.level_inflight_key(scope, scope_id))
+            for scope, scope_id in zip(("user", "team"), owners, strict=True)
+            if scope_id
+        ]
+        try:
+            for record, inflight in targets:
+                await self._run(
+                    scripts.LEVEL_RELEASE, [record, inflight], [request_id, admitted_ms, WINDOW_MS]
+                )
+        except StoreUnavailable:
+            log.warning("could not release an abandoned reservation", extra={"key_id": key_id})
 
     async def _check_script(
         self,

@@ -230,3 +230,28 @@ async def test_deleting_a_key_removes_its_in_flight_records(store: KeyStore) -> 
     await store.check(key, GPT4, reserve_nanos=10)
     await store.delete(key.key_id)
     assert not await store.redis.client.exists(keyspace.inflight_key(key.key_id))
+
+
+async def test_a_check_its_caller_abandons_leaves_no_reservation(store: KeyStore) -> None:
+    """Envoy's timeout cancels a Check whose script may already have run: the store
+    releases what it may have reserved instead of holding it for the TTL."""
+    import asyncio
+
+    store.abandoned_grace_s = 0.001
+    key = await new_key(store, max_parallel=1, max_budget_nanos=10_000)
+    cancelled = 0
+    for attempt in range(120):
+        task = asyncio.ensure_future(store.check(key, GPT4, reserve_nanos=5_000))
+        for _ in range(attempt % 40):
+            await asyncio.sleep(0)  # cancel at every stage: before, during, after the call
+        task.cancel()
+        try:
+            finished = await task
+        except asyncio.CancelledError:
+            cancelled += 1
+        else:  # it finished before the cancel: settle it like a report would
+            await store.report_usage(report(key, finished.request_id, 1))
+        await asyncio.gather(*list(store._orphans))
+    record = await store.get(key.key_id)
+    assert cancelled and record.total_requests > 0, "no Check was cancelled after its script"
+    assert (record.in_flight, record.reserved_nanos) == (0, 0)

@@ -1,0 +1,168 @@
+"""The money path under load, through real Envoy and real servers on one Redis: 200
+requests at once against a $1 budget, and concurrency slots that a dead reporter cannot
+keep past the TTL."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from devstack import processes as p
+from extauthz.request import requested_model
+from keys import keygen
+from keys.connection import RedisBridge
+from keys.pricing import PriceTable
+from keys.reservation import estimate
+from keys.store import KeyStore
+from tests.conftest import Envoy, ManualClock, Server, start_envoy
+from tests.helpers import Clients, HttpReply, chat_body, fetch
+from tests.holding_upstream import HoldingUpstream
+
+pytestmark = pytest.mark.e2e
+CHAT = "/v1/chat/completions"
+PRICES = PriceTable.builtin()
+MODEL = "gpt-4o"
+MAX_TOKENS = 1000
+REQUESTS = 200
+
+
+@pytest.fixture(scope="module")
+def holding() -> Iterator[HoldingUpstream]:
+    upstream = HoldingUpstream(p.free_port()).start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    server: Server, holding: HoldingUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Envoy]:
+    envoy = start_envoy(server.grpc_port, holding.port, tmp_path_factory.mktemp("envoy-load"))
+    fetch(envoy.port, "GET", "/healthz")  # opens Envoy's connection to the server first
+    yield envoy
+    envoy.process.stop()
+
+
+class Burst:
+    """`count` requests sent at once, round-robin over `keys`; `answered` counts the replies
+    in as they arrive (allowed ones may be held at the upstream meanwhile)."""
+
+    def __init__(self, port: int, keys: list[str], body: bytes, count: int) -> None:
+        self.replies: list[HttpReply] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=count)
+        headers = [
+            {"authorization": f"Bearer {keys[i % len(keys)]}", "content-type": "application/json"}
+            for i in range(count)
+        ]
+        self._futures = [self._pool.submit(self._one, port, h, body) for h in headers]
+
+    def _one(self, port: int, headers: dict[str, str], body: bytes) -> None:
+        reply = fetch(port, "POST", CHAT, headers, body)
+        with self._lock:
+            self.replies.append(reply)
+
+    @property
+    def answered(self) -> int:
+        with self._lock:
+            return len(self.replies)
+
+    def wait(self) -> list[HttpReply]:
+        for future in self._futures:
+            future.result(timeout=30)
+        self._pool.shutdown()
+        return self.replies
+
+
+def until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def reservation_nanos(body: bytes) -> int:
+    model = requested_model(body, {"content-type": "application/json"})
+    return estimate(PRICES, model, 4096).amount_nanos
+
+
+def test_200_concurrent_requests_never_spend_past_a_1_dollar_budget(
+    proxy: Envoy, holding: HoldingUpstream, clients: Clients
+) -> None:
+    body = chat_body(MODEL, max_tokens=MAX_TOKENS)
+    reserve = reservation_nanos(body)
+    key, data = clients.create_key(max_budget=1.0, rpm_limit=0, tpm_limit=0)
+    expected = 1_000_000_000 // reserve
+    holding.hold()
+    before = len(holding.arrivals)
+    burst = Burst(proxy.port, [key], body, REQUESTS)
+    # the allowed ones wait at the upstream, unreported, until every other has its answer
+    until(lambda: burst.answered + len(holding.arrivals) - before == REQUESTS)
+    held = holding.arrivals[before:]
+    holding.release.set()
+    replies = burst.wait()
+
+    allowed = [r for r in replies if r.status == 200]
+    refused = [r for r in replies if r.status == 402]
+    # 503: Envoy gave up on a Check (a starved test machine). Its reservation, if the
+    # server made one, is released once the server sees the cancel.
+    abandoned = [r for r in replies if r.status == 503]
+    assert len(allowed) + len(refused) + len(abandoned) == REQUESTS
+    assert len(allowed) == len(held)
+    assert expected - len(abandoned) <= len(allowed) <= expected
+    assert all(r.json()["error"]["code"] == "budget_exceeded" for r in refused)
+
+    # each allowed request reports its real usage, after a random delay
+    rng = random.Random(7)
+    costs = {a.request_id: rng.randint(1, MAX_TOKENS) for a in held}
+
+    def report(request_id: str) -> None:
+        time.sleep(rng.random() * 0.05)
+        clients.report(
+            data.id, request_id, model=MODEL, prompt_tokens=20, completion_tokens=costs[request_id]
+        )
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        list(pool.map(report, costs))
+    charged = sum(PRICES.cost_nanos(MODEL, 20, c) for c in costs.values())
+    after = clients.get_key(data.id)
+    assert (after.reserved, after.in_flight) == (0, 0)
+    assert round(after.spent * 1e9) == charged <= 1_000_000_000
+
+
+async def test_three_slots_run_three_and_a_dead_reporter_holds_them_only_for_the_ttl(
+    proxy: Envoy, holding: HoldingUpstream, clients: Clients, redis_url: str
+) -> None:
+    key, data = clients.create_key(max_parallel_requests=3, rpm_limit=0, tpm_limit=0)
+    body = chat_body(MODEL, max_tokens=10)
+    holding.hold()
+    before = len(holding.arrivals)
+    burst = Burst(proxy.port, [key], body, 20)
+    until(lambda: burst.answered + len(holding.arrivals) - before == 20)
+    running = len(holding.arrivals) - before
+    holding.release.set()  # the long requests end; nothing ever reports them
+    replies = burst.wait()
+    limited = [r for r in replies if r.status == 429]
+    assert running == 3 == len([r for r in replies if r.status == 200])
+    assert len(limited) == 17
+    assert {r.json()["error"]["code"] for r in limited} == {"concurrency_limit_exceeded"}
+    assert {r.headers["retry-after"] for r in limited} == {"1"}
+    assert clients.get_key(data.id).in_flight == 3
+    # the slots stay taken while the records live...
+    assert fetch(proxy.port, "POST", CHAT, {"authorization": f"Bearer {key}"}, body).status == 429
+    # ...and a Check made once their TTL has passed (the clock moved, not slept) gets one
+    parsed = keygen.parse_key(key)
+    assert parsed is not None
+    redis = RedisBridge.from_url(redis_url, timeout_s=2)
+    later = KeyStore(redis, clock=ManualClock(int(time.time() * 1000) + 900_000 + 1))
+    try:
+        decision = await later.check(parsed, requested_model(body, {}))
+        assert decision.allowed and decision.expired == 3
+        assert (await later.get(data.id)).in_flight == 1
+    finally:
+        await redis.aclose()
