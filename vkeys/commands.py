@@ -41,6 +41,8 @@ OPTIONAL_FIELDS = (
     ("max_budget", "max_budget"),
     ("tpm", "tpm_limit"),
     ("rpm", "rpm_limit"),
+    ("parallel", "max_parallel_requests"),
+    ("enforce", "enforce"),
 )
 
 
@@ -50,6 +52,21 @@ def set_given(request: Message, args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None:
             setattr(request, field, value)
+
+
+def model_limit(text: str) -> tuple[str, keys_pb2.ModelLimit]:
+    """`MODEL=RPM:TPM` (either may be empty or 0: no limit), e.g. `gpt-4o=10:20000`."""
+    model, sep, limits = text.rpartition("=")
+    rpm, colon, tpm = limits.partition(":")
+    if not sep or not model or not colon or not all(v.isdigit() for v in (rpm or "0", tpm or "0")):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL=RPM:TPM, e.g. gpt-4o=10:20000")
+    return model, keys_pb2.ModelLimit(rpm_limit=int(rpm or 0), tpm_limit=int(tpm or 0))
+
+
+def model_limits(
+    given: list[tuple[str, keys_pb2.ModelLimit]] | None,
+) -> dict[str, keys_pb2.ModelLimit]:
+    return dict(given or [])
 
 
 def cmd_create(api: Api, args: argparse.Namespace) -> int:
@@ -62,6 +79,8 @@ def cmd_create(api: Api, args: argparse.Namespace) -> int:
         budget_duration=args.budget_duration,
     )
     set_given(request, args)
+    for model, limit in model_limits(args.model_limit).items():
+        request.model_limits[model].CopyFrom(limit)
     reply = api.call(api.keys.CreateKey, request)
     emit(args, reply, fmt.new_key("created", reply))
     return 0
@@ -106,6 +125,8 @@ def update_request(args: argparse.Namespace) -> keys_pb2.UpdateKeyRequest:
         request.allowed_models.CopyFrom(keys_pb2.ModelList(models=args.model))
     if args.metadata is not None or args.clear_metadata:
         request.metadata.CopyFrom(keys_pb2.Metadata(entries=dict(args.metadata or [])))
+    if args.model_limit is not None or args.clear_model_limits:
+        request.model_limits.CopyFrom(keys_pb2.ModelLimits(limits=model_limits(args.model_limit)))
     if [field.name for field, _ in request.ListFields()] in ([], ["id"]):
         raise CliError("nothing to update: give at least one field flag (see vkeys update -h)")
     return request
@@ -211,6 +232,25 @@ def limit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tpm", type=int32, help="tokens per minute; 0 for no limit")
     parser.add_argument("--rpm", type=int32, help="requests per minute; 0 for no limit")
     parser.add_argument("--metadata", action="append", type=pair, metavar="K=V", help="(repeat)")
+    parser.add_argument(
+        "--parallel", type=int32, help="max_parallel_requests: requests in flight; 0 for no limit"
+    )
+    parser.add_argument(
+        "--model-limit",
+        action="append",
+        type=model_limit,
+        metavar="MODEL=RPM:TPM",
+        help="a per-model limit, e.g. gpt-4o=10:20000 (repeat)",
+    )
+    shadow = parser.add_mutually_exclusive_group()
+    shadow.add_argument(
+        "--shadow",
+        dest="enforce",
+        action="store_false",
+        default=None,
+        help="shadow mode: count everything, deny nothing",
+    )
+    shadow.add_argument("--enforce", dest="enforce", action="store_true", help="leave shadow mode")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--name")
     update.add_argument("--budget-duration", help="<N>h, <N>d or 1mo; '' stops resets")
     update.add_argument("--clear-metadata", action="store_true", help="remove all metadata")
+    update.add_argument(
+        "--clear-model-limits", action="store_true", help="remove every per-model limit"
+    )
     limit_options(update)
 
     command("revoke", cmd_revoke, "revoke a key").add_argument("key_id")
