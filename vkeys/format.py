@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,14 +81,29 @@ def key_details(data: keys_pb2.KeyData) -> str:
         ("budget_remaining", remaining),
         ("budget_duration", data.budget_duration or "-"),
         ("budget_reset_at", when(data.budget_reset_at, unset="-")),
+        ("reserved", usd(data.reserved)),
+        ("in_flight", f"{data.in_flight:,}"),
         ("tpm_limit", limit(data.tpm_limit)),
         ("rpm_limit", limit(data.rpm_limit)),
+        ("max_parallel_requests", limit(data.max_parallel_requests)),
+        ("model_limits", model_limits(data.model_limits)),
+        ("enforce", "true" if data.enforce else "false (shadow mode: nothing is denied)"),
         ("total_requests", f"{data.total_requests:,}"),
         ("last_used", when(data.last_used)),
         ("metadata", ", ".join(f"{k}={v}" for k, v in sorted(data.metadata.items())) or "-"),
     ]
     width = max(len(name) for name, _ in fields)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in fields)
+
+
+def model_limits(limits: Mapping[str, keys_pb2.ModelLimit]) -> str:
+    return (
+        ", ".join(
+            f"{model} rpm {limit(m.rpm_limit)} tpm {limit(m.tpm_limit)}"
+            for model, m in sorted(limits.items())
+        )
+        or "-"
+    )
 
 
 def key_table(keys: Sequence[keys_pb2.KeyData]) -> str:
