@@ -139,6 +139,48 @@ def new_key(verb: str, reply: keys_pb2.CreateKeyResponse, note: str = "") -> str
     )
 
 
+# ---------------------------------------------------------------- budgets
+
+
+def budget_details(data: keys_pb2.Budget) -> str:
+    remaining = usd(data.budget_remaining) if data.HasField("budget_remaining") else "unlimited"
+    fields = [
+        ("scope", data.scope),
+        ("id", data.id),
+        ("max_budget", budget(data.max_budget)),
+        ("spent", usd(data.spent)),
+        ("reserved", usd(data.reserved)),
+        ("budget_remaining", remaining),
+        ("budget_duration", data.budget_duration or "-"),
+        ("budget_reset_at", when(data.budget_reset_at, unset="-")),
+        ("rpm_limit", limit(data.rpm_limit)),
+        ("tpm_limit", limit(data.tpm_limit)),
+        ("max_parallel_requests", limit(data.max_parallel_requests)),
+        ("in_flight", f"{data.in_flight:,}"),
+        ("created_at", when(data.created_at)),
+    ]
+    width = max(len(name) for name, _ in fields)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in fields)
+
+
+def budget_table(budgets: Sequence[keys_pb2.Budget]) -> str:
+    headers = ["id", "spent/budget", "reserved", "in flight", "rpm", "tpm", "resets", "since"]
+    rows = [
+        [
+            b.id,
+            f"{usd(b.spent)}/{budget(b.max_budget)}",
+            usd(b.reserved),
+            f"{b.in_flight:,}/{limit(b.max_parallel_requests)}",
+            limit(b.rpm_limit),
+            limit(b.tpm_limit),
+            b.budget_duration or "-",
+            when(b.created_at, fmt="%Y-%m-%d"),
+        ]
+        for b in budgets
+    ]
+    return table(headers, rows, right=(1, 2, 3, 4, 5))
+
+
 # ---------------------------------------------------------------- usage
 
 
