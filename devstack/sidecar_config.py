@@ -34,8 +34,9 @@ HEADER = """\
 #     Change llm-lb.default.svc.cluster.local:8000 to your own Service name and port;
 #   - the admin REST API (/api/..., grpc_json_transcoder) is left out, because it needs the
 #     compiled proto descriptor mounted into the pod. Admin clients (vkeys, grpcurl) call
-#     the KeyService and UsageService directly on the extauthz gRPC port 9191, for example
-#     through `kubectl port-forward`. That port is not exposed by the Service.
+#     the KeyService, UsageService and BudgetService directly on the extauthz gRPC port
+#     9191, for example through `kubectl port-forward`. That port is not exposed by the
+#     Service.
 # extauthz is the other container of the same pod (127.0.0.1:9191); Envoy's admin interface
 # stays on 127.0.0.1:9901. Envoy reads this file once, at start: after a change, run
 # `kubectl rollout restart deployment/llm-gateway`.

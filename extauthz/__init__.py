@@ -1,4 +1,5 @@
-"""The edge: gRPC servicers (ext_authz Check, KeyService, UsageService) and their wiring.
+"""The edge: gRPC servicers (ext_authz Check, KeyService, UsageService, BudgetService) and
+their wiring.
 
 No Redis commands here; the domain in `keys` owns the data model.
 """

@@ -1,4 +1,5 @@
-"""Who may call what, and on which keys: every caller policy of KeyService and UsageService.
+"""Who may call what, and on which keys: every caller policy of KeyService, UsageService
+and BudgetService.
 
 The admin token (optionally scoped to one user by `x-user-id`), the usage token (ReportUsage
 only), or an active virtual key reading itself. A refusal says what was wrong with the
@@ -42,6 +43,20 @@ async def require_admin(context: Context, settings: Settings) -> str | None:
             )
         await _refuse(context, token, "admin token")
     return user_scope(context)
+
+
+async def check_budget_scope(
+    context: Context, user: str | None, reads: tuple[str, str] | None = None
+) -> None:
+    """BudgetService, after `require_admin`: a call scoped by x-user-id (`user`) may only
+    read its own user budget (`reads` = ("user", <that user>)). Budgets are set over users,
+    not by them, and a scope says nothing about teams or other users, so anything else
+    scoped is PERMISSION_DENIED, whether the budget exists or not."""
+    if user is not None and reads != ("user", user):
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "a call with x-user-id may only read that user's own budget (GetBudget user/<id>)",
+        )
 
 
 async def require_reporter(context: Context, settings: Settings) -> str | None:

@@ -19,6 +19,7 @@ SERVICES = (
     "envoy.service.auth.v3.Authorization",
     "keys.v1.KeyService",
     "keys.v1.UsageService",
+    "keys.v1.BudgetService",
 )
 
 

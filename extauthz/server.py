@@ -1,4 +1,4 @@
-"""Wiring: build the store and servicers, serve gRPC and HTTP, stop cleanly on SIGTERM."""
+"""Wiring: build the stores and servicers, serve gRPC and HTTP, stop cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from extauthz.admin import KeyService
+from extauthz.budgets import BudgetService
 from extauthz.check import AuthorizationServicer
 from extauthz.decision import Decider
 from extauthz.errors import add_servicer
@@ -30,6 +31,7 @@ from extauthz.replay import replay_forever
 from extauthz.settings import Settings, SettingsError, help_table
 from extauthz.usage import UsageService
 from extauthz.workers import run_workers
+from keys.budgets import BudgetStore
 from keys.connection import RedisBridge, redacted
 from keys.journal import JournalUnusable, UsageJournal
 from keys.pricing import PriceTable
@@ -95,6 +97,11 @@ async def serve(settings: Settings) -> None:
         keys_pb2.DESCRIPTOR.services_by_name["UsageService"],
         UsageService(store, settings, prices, metrics, journal),
     )
+    add_servicer(
+        server,
+        keys_pb2.DESCRIPTOR.services_by_name["BudgetService"],
+        BudgetService(BudgetStore(redis), settings),
+    )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -102,6 +109,7 @@ async def serve(settings: Settings) -> None:
             external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
             keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
             keys_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+            keys_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name,
             "grpc.health.v1.Health",
             reflection.SERVICE_NAME,
         ),

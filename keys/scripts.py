@@ -42,6 +42,7 @@ LEVEL_SETTLE: Final = _load("level_settle", with_lib=True)
 CREATE: Final = _load("create")
 UPDATE: Final = _load("update")
 ROTATE: Final = _load("rotate")
+SET_BUDGET: Final = _load("set_budget")  # keys/budgets.py: create or reconfigure a budget
 ALL: Final = (
     CHECK,
     AUTHENTICATE,
@@ -52,6 +53,7 @@ ALL: Final = (
     CREATE,
     UPDATE,
     ROTATE,
+    SET_BUDGET,
 )
 
 

@@ -75,6 +75,10 @@ class Clients:
         return keys_pb2_grpc.UsageServiceStub(self.channel)
 
     @property
+    def budgets(self) -> keys_pb2_grpc.BudgetServiceStub:
+        return keys_pb2_grpc.BudgetServiceStub(self.channel)
+
+    @property
     def authz(self) -> external_auth_pb2_grpc.AuthorizationStub:
         return external_auth_pb2_grpc.AuthorizationStub(self.channel)
 

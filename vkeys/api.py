@@ -1,4 +1,4 @@
-"""The gRPC side of vkeys: the channel, the two stubs, and one line for each failed call."""
+"""The gRPC side of vkeys: the channel, the stubs, and one line for each failed call."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ STATE_WAIT_S = 2.0
 
 @dataclass
 class Api:
-    """The two stubs, with the metadata and timeout every call carries."""
+    """The stubs, with the metadata and timeout every call carries."""
 
     channel: grpc.Channel
     metadata: tuple[tuple[str, str], ...]
@@ -33,6 +33,10 @@ class Api:
     @property
     def usage(self) -> keys_pb2_grpc.UsageServiceStub:
         return keys_pb2_grpc.UsageServiceStub(self.channel)
+
+    @property
+    def budgets(self) -> keys_pb2_grpc.BudgetServiceStub:
+        return keys_pb2_grpc.BudgetServiceStub(self.channel)
 
     def call(self, method: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req) -> Resp:
         return method(request, timeout=self.timeout, metadata=self.metadata, wait_for_ready=False)

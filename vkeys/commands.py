@@ -1,4 +1,5 @@
-"""vkeys: the admin command line for virtual keys, over gRPC (keys.v1 KeyService / UsageService).
+"""vkeys: the admin command line for virtual keys and the user and team budgets above them,
+over gRPC (keys.v1 KeyService / UsageService / BudgetService).
 
 The server address comes from --addr or EXTAUTHZ_ADDR (default 127.0.0.1:9191), the admin token
 from --token or EXTAUTHZ_ADMIN_TOKEN. Output is a readable table, or JSON with --json. Errors
@@ -23,6 +24,7 @@ from vkeys.api import Api, explain, open_channel
 DEFAULT_ADDR = "127.0.0.1:9191"
 DEFAULT_TIMEOUT_S = 10.0
 INT32_MAX = 2**31 - 1
+SCOPES = ("user", "team")
 
 
 class CliError(Exception):
@@ -186,6 +188,69 @@ def cmd_usage(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+def current_budget(api: Api, scope: str, scope_id: str) -> keys_pb2.Budget | None:
+    try:
+        return api.call(api.budgets.GetBudget, keys_pb2.GetBudgetRequest(scope=scope, id=scope_id))
+    except grpc.RpcError as err:
+        if isinstance(err, grpc.Call) and err.code() is grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+
+
+BUDGET_FLAGS = (
+    ("max_budget", "max_budget"),
+    ("duration", "budget_duration"),
+    ("rpm", "rpm_limit"),
+    ("tpm", "tpm_limit"),
+    ("parallel", "max_parallel_requests"),
+)
+
+
+def budget_request(
+    args: argparse.Namespace, current: keys_pb2.Budget | None
+) -> keys_pb2.SetBudgetRequest:
+    """SetBudget replaces the whole configuration; here a flag left out keeps the current
+    value (a new budget: none), as `vkeys update` changes only what it is given. Sending
+    the same duration back keeps the current period."""
+    request = keys_pb2.SetBudgetRequest(scope=args.scope, id=args.id)
+    for flag, field in BUDGET_FLAGS:
+        value = getattr(args, flag)
+        if value is None and current is not None:
+            value = getattr(current, field)
+        if value is not None:
+            setattr(request, field, value)
+    return request
+
+
+def cmd_budget_set(api: Api, args: argparse.Namespace) -> int:
+    current = current_budget(api, args.scope, args.id)
+    budget = api.call(api.budgets.SetBudget, budget_request(args, current))
+    verb = "created" if current is None else "updated"
+    emit(args, budget, f"{verb} {budget.scope} budget {budget.id}\n\n{fmt.budget_details(budget)}")
+    return 0
+
+
+def cmd_budget_get(api: Api, args: argparse.Namespace) -> int:
+    request = keys_pb2.GetBudgetRequest(scope=args.scope, id=args.id)
+    budget = api.call(api.budgets.GetBudget, request)
+    emit(args, budget, fmt.budget_details(budget))
+    return 0
+
+
+def cmd_budget_list(api: Api, args: argparse.Namespace) -> int:
+    reply = api.call(api.budgets.ListBudgets, keys_pb2.ListBudgetsRequest(scope=args.scope))
+    text = fmt.budget_table(reply.budgets) if reply.budgets else f"no {args.scope} budgets"
+    emit(args, reply, text)
+    return 0
+
+
+def cmd_budget_delete(api: Api, args: argparse.Namespace) -> int:
+    request = keys_pb2.DeleteBudgetRequest(scope=args.scope, id=args.id)
+    reply = api.call(api.budgets.DeleteBudget, request)
+    emit(args, reply, f"deleted {reply.scope} budget {reply.id}")
+    return 0
+
+
 # ---------------------------------------------------------------- arguments
 
 
@@ -215,7 +280,8 @@ def common_options(defaults: bool) -> argparse.ArgumentParser:
     parser.add_argument(
         "--user",
         default=default(None),
-        help="act for this user only (sends x-user-id): other users' keys read as not found",
+        help="act for this user only (sends x-user-id): other users' keys read as not found, "
+        "and of budgets only the user's own can be read",
     )
     parser.add_argument("--json", action="store_true", default=default(False), help="print JSON")
     parser.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT_S), help="seconds")
@@ -315,6 +381,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--days", type=int32, default=30, help="UTC days back, today included (default 30)"
     )
     usage.add_argument("--all-days", action="store_true", help="chart days without usage too")
+
+    budget_help = "user and team budgets: set, get, list, delete"
+    budget = sub.add_parser("budget", help=budget_help, description=budget_help)
+    budget.set_defaults(subparser=budget)
+    actions = budget.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(
+        name: str, run: Callable[[Api, argparse.Namespace], int], help_: str, *, one: bool = True
+    ) -> argparse.ArgumentParser:
+        p = actions.add_parser(name, parents=[common], help=help_, description=help_)
+        p.set_defaults(run=run, subparser=p)
+        p.add_argument("scope", choices=SCOPES)
+        if one:
+            p.add_argument("id", help="the user_id or team_id that keys carry")
+        return p
+
+    put = action(
+        "set",
+        cmd_budget_set,
+        "create a budget, or change the given fields of one (the others stay as they are)",
+    )
+    put.add_argument("--max-budget", type=float, help="USD; 0 for no budget")
+    put.add_argument("--duration", help="<N>h, <N>d or 1mo: spent resets each period; '' never")
+    put.add_argument("--rpm", type=int32, help="requests per minute; 0 for no limit")
+    put.add_argument("--tpm", type=int32, help="tokens per minute; 0 for no limit")
+    put.add_argument("--parallel", type=int32, help="requests in flight at once; 0 for no limit")
+    action("get", cmd_budget_get, "show a budget: its limits, spend and requests in flight")
+    action("list", cmd_budget_list, "list a scope's budgets, oldest first", one=False)
+    delete_budget = action("delete", cmd_budget_delete, "delete a budget")
+    delete_budget.add_argument("--yes", "-y", action="store_true", help="accepted; never asks")
     return parser
 
 

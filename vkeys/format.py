@@ -65,16 +65,6 @@ def as_dict(message: Message) -> dict[str, Any]:
 # ---------------------------------------------------------------- keys
 
 
-def model_limits(limits: Mapping[str, keys_pb2.ModelLimit]) -> str:
-    return (
-        ", ".join(
-            f"{m}: rpm {limit(v.rpm_limit)}, tpm {limit(v.tpm_limit)}"
-            for m, v in sorted(limits.items())
-        )
-        or "-"
-    )
-
-
 def key_details(data: keys_pb2.KeyData) -> str:
     remaining = usd(data.budget_remaining) if data.HasField("budget_remaining") else "unlimited"
     fields = [
@@ -88,22 +78,32 @@ def key_details(data: keys_pb2.KeyData) -> str:
         ("allowed_models", models(data.allowed_models)),
         ("max_budget", budget(data.max_budget)),
         ("spent", usd(data.spent)),
-        ("reserved", usd(data.reserved)),
         ("budget_remaining", remaining),
         ("budget_duration", data.budget_duration or "-"),
         ("budget_reset_at", when(data.budget_reset_at, unset="-")),
+        ("reserved", usd(data.reserved)),
+        ("in_flight", f"{data.in_flight:,}"),
         ("tpm_limit", limit(data.tpm_limit)),
         ("rpm_limit", limit(data.rpm_limit)),
-        ("in_flight", f"{data.in_flight:,}"),
         ("max_parallel_requests", limit(data.max_parallel_requests)),
         ("model_limits", model_limits(data.model_limits)),
-        ("enforce", "yes" if data.enforce else "no (shadow mode: nothing is denied)"),
+        ("enforce", "true" if data.enforce else "false (shadow mode: nothing is denied)"),
         ("total_requests", f"{data.total_requests:,}"),
         ("last_used", when(data.last_used)),
         ("metadata", ", ".join(f"{k}={v}" for k, v in sorted(data.metadata.items())) or "-"),
     ]
     width = max(len(name) for name, _ in fields)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in fields)
+
+
+def model_limits(limits: Mapping[str, keys_pb2.ModelLimit]) -> str:
+    return (
+        ", ".join(
+            f"{model} rpm {limit(m.rpm_limit)} tpm {limit(m.tpm_limit)}"
+            for model, m in sorted(limits.items())
+        )
+        or "-"
+    )
 
 
 def key_table(keys: Sequence[keys_pb2.KeyData]) -> str:
@@ -137,6 +137,48 @@ def new_key(verb: str, reply: keys_pb2.CreateKeyResponse, note: str = "") -> str
             key_details(reply.key_data),
         ]
     )
+
+
+# ---------------------------------------------------------------- budgets
+
+
+def budget_details(data: keys_pb2.Budget) -> str:
+    remaining = usd(data.budget_remaining) if data.HasField("budget_remaining") else "unlimited"
+    fields = [
+        ("scope", data.scope),
+        ("id", data.id),
+        ("max_budget", budget(data.max_budget)),
+        ("spent", usd(data.spent)),
+        ("reserved", usd(data.reserved)),
+        ("budget_remaining", remaining),
+        ("budget_duration", data.budget_duration or "-"),
+        ("budget_reset_at", when(data.budget_reset_at, unset="-")),
+        ("rpm_limit", limit(data.rpm_limit)),
+        ("tpm_limit", limit(data.tpm_limit)),
+        ("max_parallel_requests", limit(data.max_parallel_requests)),
+        ("in_flight", f"{data.in_flight:,}"),
+        ("created_at", when(data.created_at)),
+    ]
+    width = max(len(name) for name, _ in fields)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in fields)
+
+
+def budget_table(budgets: Sequence[keys_pb2.Budget]) -> str:
+    headers = ["id", "spent/budget", "reserved", "in flight", "rpm", "tpm", "resets", "since"]
+    rows = [
+        [
+            b.id,
+            f"{usd(b.spent)}/{budget(b.max_budget)}",
+            usd(b.reserved),
+            f"{b.in_flight:,}/{limit(b.max_parallel_requests)}",
+            limit(b.rpm_limit),
+            limit(b.tpm_limit),
+            b.budget_duration or "-",
+            when(b.created_at, fmt="%Y-%m-%d"),
+        ]
+        for b in budgets
+    ]
+    return table(headers, rows, right=(1, 2, 3, 4, 5))
 
 
 # ---------------------------------------------------------------- usage

@@ -340,7 +340,9 @@ def test_unknown_admin_api_path_is_404_and_never_reaches_upstream(
     assert len(upstream.seen) == before
 
 
-@pytest.mark.parametrize("path", ["/api/nothing", "/api/tags", "/api", "/api/budgets/user/u1"])
+@pytest.mark.parametrize(
+    "path", ["/api/nothing", "/api/tags", "/api", "/api/budget", "/api/budgets/team/t1/extra"]
+)
 def test_other_api_paths_are_404_json_and_never_reach_the_upstream(
     envoy: Envoy, clients: Clients, upstream: MockUpstream, path: str
 ) -> None:

@@ -243,6 +243,7 @@ def test_grpcurl_lists_our_services(server: Server) -> None:
         "envoy.service.auth.v3.Authorization",
         "keys.v1.KeyService",
         "keys.v1.UsageService",
+        "keys.v1.BudgetService",
         "grpc.health.v1.Health",
     } <= services
 

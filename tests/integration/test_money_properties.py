@@ -12,7 +12,9 @@ a model of what must hold:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -27,15 +29,16 @@ from hypothesis.stateful import (
 
 from keys import keygen
 from keys.budget import NO_PERIOD
-from keys.budgets import BudgetSpec, BudgetStore
+from keys.budgets import BudgetSpec, BudgetStore, LevelBudget
 from keys.connection import RedisBridge
-from keys.model import KeyUpdate, RequestedModel, UsageReport
+from keys.model import KeyUpdate, RequestedModel, UsageReport, VirtualKey
 from keys.store import KeyStore
 from tests.conftest import ManualClock
 from tests.helpers import key_spec
 
 pytestmark = pytest.mark.integration
 TTL_S = 900
+T = TypeVar("T")
 GPT4 = RequestedModel.named("gpt-4")
 
 
@@ -62,8 +65,8 @@ def money_machine(redis_url: str) -> type[RuleBasedStateMachine]:
             self.over_key = False  # an admin lowered a budget below what was held
             self.over_team = False
 
-        def run[T](self, coroutine: object) -> T:
-            return self.loop.run_until_complete(coroutine)  # type: ignore[arg-type,no-any-return]
+        def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+            return self.loop.run_until_complete(coroutine)
 
         def teardown(self) -> None:
             self.run(self.redis.aclose())
@@ -77,9 +80,7 @@ def money_machine(redis_url: str) -> type[RuleBasedStateMachine]:
         def create(self, budget: int, team_budget: int, parallel: int) -> None:
             self.team = f"team-{keygen.new_key_id()}"
             self.run(
-                self.budgets.set(
-                    BudgetSpec("team", self.team, team_budget, NO_PERIOD, 0, 0, 0)
-                )
+                self.budgets.set(BudgetSpec("team", self.team, team_budget, NO_PERIOD, 0, 0, 0))
             )
             full, record = self.run(
                 self.store.create(
@@ -87,23 +88,36 @@ def money_machine(redis_url: str) -> type[RuleBasedStateMachine]:
                     "sk-mp",
                 )
             )
-            self.key = keygen.parse_key(full)
+            parsed = keygen.parse_key(full)
+            assert parsed is not None
+            self.key = parsed
             self.key_id = record.id
             self.parallel = parallel
+            self.key_budget, self.team_budget = budget, team_budget
 
         def live(self) -> dict[str, Open]:
             return {i: o for i, o in self.open.items() if o.expires_ms > self.clock()}
 
+        def fits(self, budget: int, amount: int) -> bool:
+            held = self.charged + sum(o.amount for o in self.live().values())
+            return held + amount <= budget and held < budget
+
         @rule(amount=st.integers(0, 20_000))
         def check(self, amount: int) -> None:
+            """Admitted exactly when the model says every level has room (so nothing
+            expired still holds money or a slot)."""
+            room = self.fits(self.key_budget, amount) and self.fits(self.team_budget, amount)
+            slot = not self.parallel or len(self.live()) < self.parallel
             decision = self.run(self.store.check(self.key, GPT4, reserve_nanos=amount))
+            assert decision.allowed == (room and slot), decision
             if decision.allowed:
                 self.open[decision.request_id] = Open(amount, self.clock() + TTL_S * 1000)
 
         @precondition(lambda self: bool(self.open))
         @rule(data=st.data())
         def report(self, data: st.DataObject) -> None:
-            request_id = data.draw(st.sampled_from(sorted(self.open)))
+            # by position, in the order they opened: the ids themselves are random
+            request_id = list(self.open)[data.draw(st.integers(0, len(self.open) - 1))]
             reservation = self.open.pop(request_id)
             cost = data.draw(st.integers(0, reservation.amount))
             result = self.run(
@@ -113,6 +127,8 @@ def money_machine(redis_url: str) -> type[RuleBasedStateMachine]:
             )
             assert result.settled == (reservation.expires_ms > self.clock())
             self.charged += cost
+            if not result.settled:  # it had expired: charged unreserved, like usage elsewhere
+                self.note_unreserved_charge()
 
         @rule(data=st.data())
         def report_again_or_elsewhere(self, data: st.DataObject) -> None:
@@ -127,6 +143,10 @@ def money_machine(redis_url: str) -> type[RuleBasedStateMachine]:
                     )
                 )
             self.charged += cost
+            self.note_unreserved_charge()
+
+        def note_unreserved_charge(self) -> None:
+            """A charge no reservation held may push a level over (documented overshoot)."""
             key, team = self.read()
             self.over_key |= key.spent_nanos + key.reserved_nanos > key.max_budget_nanos
             self.over_team |= team.spent_nanos + team.reserved_nanos > team.max_budget_nanos
@@ -139,15 +159,14 @@ def money_machine(redis_url: str) -> type[RuleBasedStateMachine]:
         def admin_changes_budgets(self, budget: int, team_budget: int) -> None:
             self.run(self.store.update(self.key_id, KeyUpdate(max_budget_nanos=budget)))
             self.run(
-                self.budgets.set(
-                    BudgetSpec("team", self.team, team_budget, NO_PERIOD, 0, 0, 0)
-                )
+                self.budgets.set(BudgetSpec("team", self.team, team_budget, NO_PERIOD, 0, 0, 0))
             )
+            self.key_budget, self.team_budget = budget, team_budget
             key, team = self.read()
             self.over_key = key.spent_nanos + key.reserved_nanos > budget
             self.over_team = team.spent_nanos + team.reserved_nanos > team_budget
 
-        def read(self) -> tuple[object, object]:
+        def read(self) -> tuple[VirtualKey, LevelBudget]:
             key = self.run(self.store.get(self.key_id))
             team = self.run(self.budgets.get("team", self.team))
             return key, team

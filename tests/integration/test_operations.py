@@ -93,7 +93,13 @@ def test_http_port_refuses_what_it_does_not_serve(
 
 def test_grpc_health_serves_every_service(clients: Clients) -> None:
     stub = health_pb2_grpc.HealthStub(clients.channel)
-    for service in ("", "envoy.service.auth.v3.Authorization", "keys.v1.KeyService"):
+    for service in (
+        "",
+        "envoy.service.auth.v3.Authorization",
+        "keys.v1.KeyService",
+        "keys.v1.UsageService",
+        "keys.v1.BudgetService",
+    ):
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 from devstack.mock_upstream import MockUpstream
 from devstack.processes import free_port
 from keys.connection import connect
-from keys.keyspace import record_key
+from keys.keyspace import level_key, record_key
 from keys.v1 import keys_pb2
 from tests.conftest import Envoy, Server, start_envoy, start_server
 from tests.helpers import Clients, bearer, chat_body, eventually, fetch
@@ -221,6 +222,59 @@ def test_rotation_and_revocation_on_one_server_are_seen_by_the_other(stack: Stac
     one.revoke(data.id)
     assert status_of(other, rotated.key) == 401
     assert post(stack.envoy, rotated.key) == 401
+
+
+def budgets_on_every_primary(stack: Stack) -> dict[int, str]:
+    """Team ids whose budget records land one on each primary: {primary port: team id}."""
+    owned: dict[int, str] = {}
+    for n in range(200):
+        team = f"cluster-team-{time.monotonic_ns()}-{n}"
+        owned.setdefault(stack.cluster.owner_of(level_key("team", team)), team)
+        if len(owned) == stack.cluster.masters:
+            return owned
+    raise AssertionError(f"200 ids landed on only {sorted(owned)}")
+
+
+def set_budget(clients: Clients, team: str, **fields: Any) -> keys_pb2.Budget:
+    return clients.budgets.SetBudget(
+        keys_pb2.SetBudgetRequest(scope="team", id=team, **fields),
+        metadata=bearer(clients.admin_token),
+    )
+
+
+def test_budgets_set_on_one_server_read_the_same_on_the_other(stack: Stack) -> None:
+    one, other = stack.clients
+    for team in budgets_on_every_primary(stack).values():
+        stored = set_budget(one, team, max_budget=5, budget_duration="1mo", rpm_limit=100)
+        got = other.budgets.GetBudget(
+            keys_pb2.GetBudgetRequest(scope="team", id=team), metadata=bearer(other.admin_token)
+        )
+        assert got == stored and got.budget_remaining == 5
+
+
+def test_budgets_on_every_primary_are_listed(stack: Stack) -> None:
+    c = stack.clients[0]
+    teams = list(budgets_on_every_primary(stack).values())
+    for team in teams:
+        set_budget(c, team, max_budget=1)
+    listed = c.budgets.ListBudgets(
+        keys_pb2.ListBudgetsRequest(scope="team"), metadata=bearer(c.admin_token)
+    )
+    assert set(teams) <= {b.id for b in listed.budgets}
+
+
+def test_deleted_budgets_are_gone_on_every_primary(stack: Stack) -> None:
+    c = stack.clients[1]
+    for team in budgets_on_every_primary(stack).values():
+        set_budget(c, team, max_budget=1)
+        c.budgets.DeleteBudget(
+            keys_pb2.DeleteBudgetRequest(scope="team", id=team), metadata=bearer(c.admin_token)
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            c.budgets.GetBudget(
+                keys_pb2.GetBudgetRequest(scope="team", id=team), metadata=bearer(c.admin_token)
+            )
+        assert err.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 def test_servers_are_ready_and_logged_no_cluster_errors(stack: Stack) -> None:

@@ -24,8 +24,10 @@ def test_update_flags_for_the_money_path_become_the_request_fields() -> None:
     from vkeys.commands import build_parser, update_request
 
     args = build_parser().parse_args(
-        ["update", "0123456789abcdef", "--parallel", "3", "--shadow"]
-        + ["--model-limit", "gpt-4o=10:20000", "--model-limit", "o3=:500"]
+        [
+            *("update", "0123456789abcdef", "--parallel", "3", "--shadow"),
+            *("--model-limit", "gpt-4o=10:20000", "--model-limit", "o3=:500"),
+        ]
     )
     request = update_request(args)
     assert request.max_parallel_requests == 3 and request.HasField("enforce")

@@ -119,3 +119,15 @@ def test_key_details_names_every_key_field() -> None:
     data = keys_pb2.KeyData(id="abc", name="n", user_id="u", allowed_models=["gpt-4"])
     labels = {line.split()[0] for line in fmt.key_details(data).splitlines()}
     assert set(keys_pb2.KeyData.DESCRIPTOR.fields_by_name) <= labels
+
+
+def test_budget_details_names_every_budget_field() -> None:
+    data = keys_pb2.Budget(scope="team", id="t1", max_budget=5, budget_remaining=5)
+    labels = {line.split()[0] for line in fmt.budget_details(data).splitlines()}
+    assert set(keys_pb2.Budget.DESCRIPTOR.fields_by_name) <= labels
+
+
+def test_budget_without_max_budget_reads_unlimited() -> None:
+    text = fmt.budget_details(keys_pb2.Budget(scope="user", id="u1"))
+    assert "max_budget             unlimited" in text
+    assert "budget_remaining       unlimited" in text
