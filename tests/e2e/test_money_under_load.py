@@ -1,13 +1,13 @@
 """The money path under load, through real Envoy and real servers on one Redis: 200
-requests at once against a $1 budget, and concurrency slots that a dead reporter cannot
-keep past the TTL."""
+requests at once against a $1 key budget and a $1 team budget (5 keys, 2 replicas), and
+concurrency slots that a dead reporter cannot keep past the TTL. (The same team test runs
+on Redis Cluster in tests/integration/test_redis_cluster.py.)"""
 
 from __future__ import annotations
 
 import random
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,18 +16,21 @@ from devstack import processes as p
 from extauthz.request import requested_model
 from keys import keygen
 from keys.connection import RedisBridge
-from keys.pricing import PriceTable
-from keys.reservation import estimate
 from keys.store import KeyStore
-from tests.conftest import Envoy, ManualClock, Server, start_envoy
-from tests.helpers import Clients, HttpReply, chat_body, fetch
-from tests.holding_upstream import HoldingUpstream
+from tests.conftest import Envoy, ManualClock, Server, start_envoy, start_server
+from tests.helpers import Clients, chat_body, fetch
+from tests.money_load import (
+    MAX_TOKENS,
+    MODEL,
+    PRICES,
+    HoldingUpstream,
+    budget_burst,
+    reservation_nanos,
+    team_budget_under_load,
+)
 
 pytestmark = pytest.mark.e2e
 CHAT = "/v1/chat/completions"
-PRICES = PriceTable.builtin()
-MODEL = "gpt-4o"
-MAX_TOKENS = 1000
 REQUESTS = 200
 
 
@@ -48,64 +51,14 @@ def proxy(
     envoy.process.stop()
 
 
-class Burst:
-    """`count` requests sent at once, round-robin over `keys`; `answered` counts the replies
-    in as they arrive (allowed ones may be held at the upstream meanwhile)."""
-
-    def __init__(self, port: int, keys: list[str], body: bytes, count: int) -> None:
-        self.replies: list[HttpReply] = []
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=count)
-        headers = [
-            {"authorization": f"Bearer {keys[i % len(keys)]}", "content-type": "application/json"}
-            for i in range(count)
-        ]
-        self._futures = [self._pool.submit(self._one, port, h, body) for h in headers]
-
-    def _one(self, port: int, headers: dict[str, str], body: bytes) -> None:
-        reply = fetch(port, "POST", CHAT, headers, body)
-        with self._lock:
-            self.replies.append(reply)
-
-    @property
-    def answered(self) -> int:
-        with self._lock:
-            return len(self.replies)
-
-    def wait(self) -> list[HttpReply]:
-        for future in self._futures:
-            future.result(timeout=30)
-        self._pool.shutdown()
-        return self.replies
-
-
-def until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def reservation_nanos(body: bytes) -> int:
-    model = requested_model(body, {"content-type": "application/json"})
-    return estimate(PRICES, model, 4096).amount_nanos
-
-
 def test_200_concurrent_requests_never_spend_past_a_1_dollar_budget(
     proxy: Envoy, holding: HoldingUpstream, clients: Clients
 ) -> None:
     body = chat_body(MODEL, max_tokens=MAX_TOKENS)
-    reserve = reservation_nanos(body)
+    reserve = reservation_nanos(body)  # $0.01023: 97 fit in $1
     key, data = clients.create_key(max_budget=1.0, rpm_limit=0, tpm_limit=0)
     expected = 1_000_000_000 // reserve
-    holding.hold()
-    before = len(holding.arrivals)
-    burst = Burst(proxy.port, [key], body, REQUESTS)
-    # the allowed ones wait at the upstream, unreported, until every other has its answer
-    until(lambda: burst.answered + len(holding.arrivals) - before == REQUESTS)
-    held = holding.arrivals[before:]
-    holding.release.set()
-    replies = burst.wait()
+    replies, held = budget_burst(holding, [proxy.port], [key], body, REQUESTS)
 
     allowed = [r for r in replies if r.status == 200]
     refused = [r for r in replies if r.status == 402]
@@ -140,13 +93,8 @@ async def test_three_slots_run_three_and_a_dead_reporter_holds_them_only_for_the
 ) -> None:
     key, data = clients.create_key(max_parallel_requests=3, rpm_limit=0, tpm_limit=0)
     body = chat_body(MODEL, max_tokens=10)
-    holding.hold()
-    before = len(holding.arrivals)
-    burst = Burst(proxy.port, [key], body, 20)
-    until(lambda: burst.answered + len(holding.arrivals) - before == 20)
-    running = len(holding.arrivals) - before
-    holding.release.set()  # the long requests end; nothing ever reports them
-    replies = burst.wait()
+    replies, held = budget_burst(holding, [proxy.port], [key], body, 20)
+    running = len(held)  # the long requests have ended; nothing ever reports them
     limited = [r for r in replies if r.status == 429]
     assert running == 3 == len([r for r in replies if r.status == 200])
     assert len(limited) == 17
@@ -166,3 +114,30 @@ async def test_three_slots_run_three_and_a_dead_reporter_holds_them_only_for_the
         assert (await later.get(data.id)).in_flight == 1
     finally:
         await redis.aclose()
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    server: Server,
+    redis_url: str,
+    holding: HoldingUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[list[Envoy]]:
+    """A second server on the same Redis, each replica behind its own Envoy (sidecars)."""
+    work = tmp_path_factory.mktemp("replicas")
+    second = start_server(
+        redis_url, work, admin_token=server.admin_token, usage_token=server.usage_token
+    )
+    envoys = [start_envoy(s.grpc_port, holding.port, work) for s in (server, second)]
+    for envoy in envoys:
+        fetch(envoy.port, "GET", "/healthz")
+    yield envoys
+    for envoy in envoys:
+        envoy.process.stop()
+    second.process.stop()
+
+
+def test_a_team_budget_shared_by_5_keys_on_2_replicas_is_never_overspent(
+    replicas: list[Envoy], holding: HoldingUpstream, clients: Clients
+) -> None:
+    team_budget_under_load(holding, [e.port for e in replicas], clients, f"team-{time.time_ns()}")

@@ -21,6 +21,7 @@ from keys.keyspace import level_key, record_key
 from keys.v1 import keys_pb2
 from tests.conftest import Envoy, Server, start_envoy, start_server
 from tests.helpers import Clients, bearer, chat_body, eventually, fetch
+from tests.money_load import HoldingUpstream, team_budget_under_load
 from tests.redis_cluster import RedisCluster
 
 pytestmark = pytest.mark.integration
@@ -512,3 +513,29 @@ def test_unplanned_failover_keeps_serving_and_bounds_the_rpm_overshoot(
     assert not clients.report(fresh_data.id, "after-failover", cost=0.01).duplicate
     log = server.process.log_text()
     assert "CROSSSLOT" not in log and "Unexpected" not in log
+
+
+@pytest.fixture(scope="module")
+def sidecars(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[HoldingUpstream, list[Envoy]]]:
+    """Each cluster server behind its own Envoy, in front of an upstream that holds requests."""
+    work = tmp_path_factory.mktemp("cluster-sidecars")
+    holding = HoldingUpstream(free_port()).start()
+    envoys = [start_envoy(s.grpc_port, holding.port, work) for s in stack.servers]
+    for envoy in envoys:
+        fetch(envoy.port, "GET", "/healthz")
+    yield holding, envoys
+    for envoy in envoys:
+        envoy.process.stop()
+    holding.stop()
+
+
+def test_a_team_budget_shared_by_5_keys_on_2_replicas_holds_on_the_cluster(
+    stack: Stack, sidecars: tuple[HoldingUpstream, list[Envoy]]
+) -> None:
+    """The team's budget, its 5 keys and their user sit in different slots: each level is
+    checked in its own slot, and a refusal is compensated."""
+    holding, envoys = sidecars
+    team = next(iter(budgets_on_every_primary(stack).values()))
+    team_budget_under_load(holding, [e.port for e in envoys], stack.clients[0], team)
