@@ -7,15 +7,14 @@ of the REST body (SetBudgetRequest.spec), which Envoy's transcoder cannot give.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from google.protobuf import json_format
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from extauthz import convert
+from extauthz import json_fields as jf
 from extauthz.access import Context, check_budget_scope, require_admin
 from extauthz.auth import metadata_value
 from extauthz.errors import rpc_errors
@@ -49,7 +48,6 @@ CONFIG_FIELDS: Final = (
 READ_ONLY_FIELDS: Final = tuple(
     f.name for f in keys_pb2.Budget.DESCRIPTOR.fields if f.name not in CONFIG_FIELDS
 )
-_MAX_NAMED = 10
 
 
 def spec_from(request: keys_pb2.SetBudgetRequest) -> BudgetSpec:
@@ -67,34 +65,20 @@ def spec_from(request: keys_pb2.SetBudgetRequest) -> BudgetSpec:
     return budget_spec(request.scope, request.id, **config)
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
-
-
-def _quoted(names: list[str]) -> str:
-    """Names the client sent, bounded, so an error never echoes unbounded input."""
-    shown = ", ".join(json.dumps(n[:64]) for n in names[:_MAX_NAMED])
-    more = len(names) - _MAX_NAMED
-    return shown + (f" and {more} more" if more > 0 else "")
-
-
 def config_from_json(body: Mapping[str, object]) -> dict[str, Any]:
     """A REST PUT body, strictly: Envoy's transcoder would drop an unknown field silently,
     so a typo (`rpm_limitt`) would set a budget without the limit meant. Unknown fields,
     fields that cannot be set and values of the wrong JSON type are errors naming them;
     lowerCamelCase names count, as in proto3 JSON. A field left out is 0 / "", as in the
     typed request."""
-    aliases = {alias: n for n in CONFIG_FIELDS + READ_ONLY_FIELDS for alias in (n, _camel(n))}
-    unknown = sorted(k for k in body if k not in aliases)
-    takes = f"a budget takes: {', '.join(CONFIG_FIELDS)}"
-    if unknown:
-        raise InvalidArgument(f"unknown fields: {_quoted(unknown)}; {takes}")
-    fixed = sorted({aliases[k] for k in body if aliases[k] in READ_ONLY_FIELDS})
+    fields = jf.by_name(
+        body, CONFIG_FIELDS + READ_ONLY_FIELDS, "a budget takes", offered=CONFIG_FIELDS
+    )
+    fixed = sorted(n for n in fields if n in READ_ONLY_FIELDS)
     if fixed:
         raise InvalidArgument(
             f"fields that cannot be set: {', '.join(fixed)} (scope and id come from the "
-            f"path); {takes}"
+            f"path); a budget takes: {', '.join(CONFIG_FIELDS)}"
         )
     config: dict[str, Any] = {
         "max_budget": 0.0,
@@ -103,50 +87,18 @@ def config_from_json(body: Mapping[str, object]) -> dict[str, Any]:
         "tpm_limit": 0,
         "max_parallel_requests": 0,
     }
-    seen: set[str] = set()
-    for alias, value in body.items():
-        name = aliases[alias]
-        if name in seen:
-            raise InvalidArgument(f"{name} is sent twice")
-        seen.add(name)
+    for name, value in fields.items():
         config[name] = _JSON_TYPES[name](name, value)
     return config
 
 
-def _number(field: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgument(f"{field} must be a number")
-    return float(value)
-
-
-def _whole(field: str, value: object) -> int:
-    number = _number(field, value)
-    if not math.isfinite(number) or not number.is_integer():
-        raise InvalidArgument(f"{field} must be a whole number")
-    return int(number)
-
-
-def _string(field: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{field} must be a string")
-    return value
-
-
 _JSON_TYPES: Final[dict[str, Callable[[str, object], Any]]] = {
-    "max_budget": _number,
-    "budget_duration": _string,
-    "rpm_limit": _whole,
-    "tpm_limit": _whole,
-    "max_parallel_requests": _whole,
+    "max_budget": jf.number,
+    "budget_duration": jf.string,
+    "rpm_limit": jf.whole,
+    "tpm_limit": jf.whole,
+    "max_parallel_requests": jf.whole,
 }
-
-
-def _timestamp(ms: int) -> Timestamp | None:
-    if not ms:
-        return None
-    stamp = Timestamp()
-    stamp.FromMilliseconds(ms)
-    return stamp
 
 
 def budget_message(budget: LevelBudget) -> keys_pb2.Budget:
@@ -163,8 +115,8 @@ def budget_message(budget: LevelBudget) -> keys_pb2.Budget:
         reserved=nanos_to_usd(budget.reserved_nanos),
         in_flight=budget.in_flight,
         budget_remaining=None if remaining is None else nanos_to_usd(remaining),
-        budget_reset_at=_timestamp(budget.budget_reset_at_ms),
-        created_at=_timestamp(budget.created_at_ms),
+        budget_reset_at=convert.timestamp(budget.budget_reset_at_ms),
+        created_at=convert.timestamp(budget.created_at_ms),
     )
 
 

@@ -6,8 +6,6 @@ POST or PATCH), so every field is checked by one rule in `keys.validation`.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from extauthz import json_fields as jf
 from extauthz.settings import Settings
 from keys import validation
 from keys.budget import NO_PERIOD
@@ -25,7 +24,7 @@ from keys.v1 import keys_pb2
 from keys.validation import CHANGEABLE_FIELDS, KeyFields
 
 
-def _timestamp(ms: int) -> Timestamp | None:
+def timestamp(ms: int) -> Timestamp | None:
     if not ms:
         return None
     stamp = Timestamp()
@@ -40,8 +39,8 @@ def key_data(key: VirtualKey, now_ms: int) -> keys_pb2.KeyData:
         name=key.name,
         user_id=key.user_id,
         team_id=key.team_id,
-        created_at=_timestamp(key.created_at_ms),
-        expires_at=_timestamp(key.expires_at_ms),
+        created_at=timestamp(key.created_at_ms),
+        expires_at=timestamp(key.expires_at_ms),
         status=key.status(now_ms).value,
         allowed_models=list(key.allowed_models),
         max_budget=nanos_to_usd(key.max_budget_nanos),
@@ -50,10 +49,10 @@ def key_data(key: VirtualKey, now_ms: int) -> keys_pb2.KeyData:
         tpm_limit=key.tpm_limit,
         rpm_limit=key.rpm_limit,
         metadata=dict(key.metadata),
-        last_used=_timestamp(key.last_used_ms),
+        last_used=timestamp(key.last_used_ms),
         total_requests=key.total_requests,
         budget_duration=key.budget_duration,
-        budget_reset_at=_timestamp(key.budget_reset_at_ms),
+        budget_reset_at=timestamp(key.budget_reset_at_ms),
         reserved=nanos_to_usd(key.reserved_nanos),
         in_flight=key.in_flight,
         max_parallel_requests=key.max_parallel,
@@ -238,42 +237,6 @@ _HINTS = {
     "expires_at": "send expires_days",
     "status": "revoke with POST /api/keys/{id}/revoke",
 }
-_MAX_NAMED = 10
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
-
-
-def _quoted(names: list[str]) -> str:
-    """Names the client sent, bounded, so an error never echoes unbounded input."""
-    shown = ", ".join(json.dumps(n[:64]) for n in names[:_MAX_NAMED])
-    more = len(names) - _MAX_NAMED
-    return shown + (f" and {more} more" if more > 0 else "")
-
-
-def _by_name(
-    body: Mapping[str, object],
-    known: tuple[str, ...],
-    takes: str,
-    offered: tuple[str, ...] | None = None,
-) -> dict[str, object]:
-    """The body's values under their proto names; an unknown name is an error naming it
-    (and listing `offered`, by default every known name), and so is a field sent under
-    both of its names. lowerCamelCase names count, as in proto3 JSON."""
-    aliases = {alias: n for n in known for alias in (n, _camel(n))}
-    unknown = sorted(k for k in body if k not in aliases)
-    if unknown:
-        listed = ", ".join(known if offered is None else offered)
-        raise InvalidArgument(f"unknown fields: {_quoted(unknown)}; {takes}: {listed}")
-    fields: dict[str, object] = {}
-    for alias, value in body.items():
-        name = aliases[alias]
-        if name in fields:
-            raise InvalidArgument(f"{name} is sent twice")
-        fields[name] = value
-    return fields
 
 
 def key_fields_from_json(
@@ -283,7 +246,7 @@ def key_fields_from_json(
     Unknown fields and fields that cannot change are errors that name them (`id` may be
     sent if it is the key's own). `metadata` merges into the key's current map (RFC 7396:
     an entry set to null is removed), so nothing is erased that the body does not name."""
-    fields = _by_name(
+    fields = jf.by_name(
         body,
         CHANGEABLE_FIELDS + READ_ONLY_FIELDS,
         "fields that can change",
@@ -318,36 +281,11 @@ def new_key_from_json(body: Mapping[str, object]) -> NewKey:
     """A REST POST body: the JSON shapes of CreateKeyRequest's fields, strictly. An unknown
     field (a typo like `rpm_limitt`) is an error naming it, never a key whose limit quietly
     took the default."""
-    fields = _by_name(body, CREATE_FIELDS, "fields a new key takes")
-    user_id = _string("user_id", fields.pop("user_id", ""))
-    team_id = _string("team_id", fields.pop("team_id", ""))
+    fields = jf.by_name(body, CREATE_FIELDS, "fields a new key takes")
+    user_id = jf.string("user_id", fields.pop("user_id", ""))
+    team_id = jf.string("team_id", fields.pop("team_id", ""))
     parsed = {n: _CREATE_TYPES.get(n, _JSON_TYPES[n])(n, v) for n, v in fields.items()}
     return NewKey(KeyFields(**parsed), user_id=user_id, team_id=team_id)
-
-
-def _string(field: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{field} must be a string")
-    return value
-
-
-def _strings(field: str, value: object) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidArgument(f'{field} must be a list of strings, like ["gpt-4"]')
-    return value
-
-
-def _number(field: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgument(f"{field} must be a number")
-    return float(value)
-
-
-def _whole(field: str, value: object) -> int:
-    number = _number(field, value)
-    if not math.isfinite(number) or not number.is_integer():
-        raise InvalidArgument(f"{field} must be a whole number")
-    return int(number)
 
 
 def _metadata_patch(field: str, value: object) -> dict[str, str | None]:
@@ -366,34 +304,28 @@ def _metadata(field: str, value: object) -> dict[str, str]:
     return {str(k): v for k, v in value.items()}
 
 
-def _boolean(field: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidArgument(f"{field} must be true or false")
-    return value
-
-
 def _model_limits(field: str, value: object) -> dict[str, dict[str, int]]:
     example = '{"gpt-4o": {"rpm_limit": 10, "tpm_limit": 20000}}'
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise InvalidArgument(f"{field} must be an object like {example}")
     return {
-        str(model): {str(k): _whole(f"{field} {k}", v) for k, v in limits.items()}
+        str(model): {str(k): jf.whole(f"{field} {k}", v) for k, v in limits.items()}
         for model, limits in value.items()
     }
 
 
 _JSON_TYPES: dict[str, Callable[[str, object], Any]] = {
-    "name": _string,
-    "allowed_models": _strings,
-    "max_budget": _number,
-    "tpm_limit": _whole,
-    "rpm_limit": _whole,
-    "expires_days": _whole,
+    "name": jf.string,
+    "allowed_models": jf.strings,
+    "max_budget": jf.number,
+    "tpm_limit": jf.whole,
+    "rpm_limit": jf.whole,
+    "expires_days": jf.whole,
     "metadata": _metadata_patch,
-    "budget_duration": _string,
-    "max_parallel_requests": _whole,
+    "budget_duration": jf.string,
+    "max_parallel_requests": jf.whole,
     "model_limits": _model_limits,
-    "enforce": _boolean,
+    "enforce": jf.boolean,
 }
 # A new key's map has nothing to merge into: a null entry is a wrong type, not a removal.
 _CREATE_TYPES: dict[str, Callable[[str, object], Any]] = {"metadata": _metadata}

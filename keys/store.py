@@ -216,10 +216,8 @@ class KeyStore:
             keyspace.inflight_key(key.key_id),
             keyspace.model_windows_key(key.key_id),
         ]
-        inline = not self.redis.cluster
-        user_id, team_id = owners or ("", "")
-        if inline and owners is not None:
-            keys += self._level_keys(user_id, team_id)
+        level_keys, level_args = self._levels_inline(owners)
+        keys += level_keys
         args: list[Arg] = [
             key.digest,
             now,
@@ -231,12 +229,20 @@ class KeyStore:
             amount,
             1 if priced else 0,
             self.reservation_ttl_ms,
-            "inline" if inline else "apart",
-            user_id if owners is not None else "\n",  # no id is "\n": the script says whose
-            team_id,
+            *level_args,
             self.budget_mode,
         ]
         return scripts.decode_check(await self._run(scripts.CHECK, keys, args))
+
+    def _levels_inline(self, owners: tuple[str, str] | None) -> tuple[list[Arg], list[Arg]]:
+        """The budgets above a key as check.lua and report_usage.lua take them: their keys
+        (one Redis, owners known), and the arguments (mode, user id, team id). Owners not
+        yet known: a user id no key has ("\n"), so the script answers whose it is."""
+        if self.redis.cluster:
+            return [], ["apart", "", ""]
+        if owners is None:
+            return [], ["inline", "\n", ""]
+        return self._level_keys(*owners), ["inline", *owners]
 
     @staticmethod
     def _level_keys(user_id: str, team_id: str) -> list[Arg]:
@@ -380,10 +386,8 @@ class KeyStore:
             keyspace.inflight_key(report.key_id),
             keyspace.model_windows_key(report.key_id),
         ]
-        inline = not self.redis.cluster
-        user_id, team_id = owners or ("", "")
-        if inline and owners is not None:
-            keys += self._level_keys(user_id, team_id)
+        level_keys, level_args = self._levels_inline(owners)
+        keys += level_keys
         args: list[Arg] = [
             now,
             report.cost_nanos,
@@ -396,9 +400,7 @@ class KeyStore:
             self.usage_ttl_s,
             next_month_start_ms(now),
             report.request_id,
-            "inline" if inline else "apart",
-            user_id if owners is not None else "\n",  # no id is "\n": the script says whose
-            team_id,
+            *level_args,
         ]
         return scripts.decode_report(await self._run(scripts.REPORT_USAGE, keys, args))
 
