@@ -13,7 +13,9 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
+from keys import keygen
 from keys.model import KeySpec
+from keys.store import KeyStore
 from keys.v1 import keys_pb2, keys_pb2_grpc
 
 # A key with no limits, for store-level tests: override what a test is about.
@@ -32,6 +34,14 @@ OPEN_SPEC = KeySpec(
 def key_spec(**overrides: Any) -> KeySpec:
     spec: KeySpec = replace(OPEN_SPEC, **overrides)
     return spec
+
+
+async def stored_key(store: KeyStore, **overrides: Any) -> keygen.ParsedKey:
+    """A new key in `store` (key_spec with `overrides`), as a Check would parse it."""
+    full, _ = await store.create(key_spec(**overrides), "sk-mp")
+    parsed = keygen.parse_key(full)
+    assert parsed is not None
+    return parsed
 
 
 def eventually(condition: Callable[[], bool], timeout: float = 10, interval: float = 0.1) -> bool:

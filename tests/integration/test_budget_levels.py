@@ -21,7 +21,7 @@ from keys.connection import RedisBridge
 from keys.model import Level, LimitHit, Reason, RequestedModel, UsageReport
 from keys.store import KeyStore
 from tests.conftest import ManualClock
-from tests.helpers import key_spec
+from tests.helpers import stored_key
 from tests.redis_cluster import RedisCluster
 
 pytestmark = pytest.mark.integration
@@ -75,10 +75,7 @@ async def budget(levels: Levels, scope: str, scope_id: str, **limits: int) -> No
 
 
 async def new_key(levels: Levels, **fields: Any) -> keygen.ParsedKey:
-    full, _ = await levels.store.create(key_spec(**fields), "sk-mp")
-    parsed = keygen.parse_key(full)
-    assert parsed is not None
-    return parsed
+    return await stored_key(levels.store, **fields)
 
 
 def charge(key: keygen.ParsedKey, request_id: str, cost: int) -> UsageReport:

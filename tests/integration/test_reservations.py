@@ -4,26 +4,20 @@ store transports), time moved by hand."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from keys import keygen, keyspace
 from keys.model import Level, LimitHit, ModelLimit, Reason, RequestedModel, UsageReport
 from keys.store import KeyStore
 from tests.conftest import ManualClock
-from tests.helpers import key_spec
+from tests.helpers import stored_key
 
 pytestmark = pytest.mark.integration
 GPT4 = RequestedModel.named("gpt-4")
 TTL_S = 900
 
 
-async def new_key(store: KeyStore, **overrides: Any) -> keygen.ParsedKey:
-    full, _ = await store.create(key_spec(**overrides), "sk-mp")
-    parsed = keygen.parse_key(full)
-    assert parsed is not None
-    return parsed
+new_key = stored_key
 
 
 def report(key: keygen.ParsedKey, request_id: str, cost_nanos: int) -> UsageReport:
