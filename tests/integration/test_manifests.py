@@ -39,6 +39,11 @@ COUNTERS = {
     "ailb_key_validation_failures_total",
     "extauthz_usage_reports_total",
     "extauthz_redis_errors_total",
+    "extauthz_reservations_opened_total",
+    "extauthz_reservations_settled_total",
+    "extauthz_reservations_expired_total",
+    "extauthz_reserved_usd_total",
+    "extauthz_shadow_denials_total",
 }
 HISTOGRAMS = {"extauthz_check_duration_seconds", "extauthz_redis_latency_seconds"}
 GAUGES = {"extauthz_usage_journal_depth", "extauthz_redis_up"}
@@ -434,3 +439,14 @@ def test_sidecar_envoy_keeps_every_edge_defence_of_envoy_yaml() -> None:
         "envoy.filters.http.ext_authz",
         "envoy.filters.http.router",
     ]
+
+
+def test_the_lists_above_are_every_metric_extauthz_exports() -> None:
+    """So a new metric cannot miss the dashboard (test_dashboard_shows_every_metric)."""
+    from prometheus_client.metrics_core import Metric
+
+    from extauthz.metrics import Metrics
+
+    families: list[Metric] = list(Metrics().registry.collect())
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    assert exported == COUNTERS | GAUGES | HISTOGRAMS
