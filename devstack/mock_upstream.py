@@ -4,9 +4,11 @@ guide's step 4: it answers with a `usage` object and reports it with ReportUsage
 client-chosen one such as `x-request-id`). Real load balancers must do the same.
 
 Completion tokens are the request's `max_tokens` (default 10); prompt tokens are about
-one per four characters of message content. Every request it saw is kept in `seen`, and,
-with `log_path` (`make run`: .run/upstream.log), written there as one JSON line: what the
-upstream received of the identity headers, and whether any key header reached it.
+one per four characters of message content. A POST with `x-mock-delay-seconds: N` is
+answered (and reported) N seconds later, so requests can be held in flight. Every request
+it saw is kept in `seen`, and, with `log_path` (`make run`: .run/upstream.log), written
+there as one JSON line: what the upstream received of the identity headers, and whether
+any key header reached it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,20 @@ LOGGED_HEADERS = (
     "x-virtual-key-team-id",
     "x-virtual-key-request-id",
     "x-virtual-key-unverified",
+    "x-virtual-key-would-deny",
 )
+# A request may ask the mock to take this long to answer (0..60 s), to show requests in
+# flight (max_parallel_requests) with curl.
+DELAY_HEADER = "x-mock-delay-seconds"
+MAX_DELAY_S = 60.0
+
+
+def _delay(value: str | None) -> float:
+    try:
+        seconds = float(value or 0)
+    except ValueError:
+        return 0.0
+    return min(max(seconds, 0.0), MAX_DELAY_S) if seconds == seconds else 0.0
 
 
 @dataclass
@@ -108,6 +123,7 @@ class MockUpstream:
 
             def do_POST(self) -> None:
                 headers, body = self._record()
+                time.sleep(_delay(headers.get(DELAY_HEADER)))
                 try:
                     request = json.loads(body or b"{}")
                     assert isinstance(request, dict)

@@ -192,7 +192,7 @@ class Decider:
                     "key_id": decision.key_id or None,
                     "reason": decision.reason.value,
                     "limit": decision.limit_hit,
-                    "level": decision.level.value,
+                    "limit_level": decision.level.value,
                 },
             )
         elif outcome.verdict is Verdict.UNVERIFIED:

@@ -178,9 +178,17 @@ def denial_parts(
 
 
 def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
-    """The guide's X-RateLimit-* names and OpenAI's x-ratelimit-* names."""
-    rpm_limit, rpm_left, rpm_reset = _window(decision.rpm)
-    tpm_limit, tpm_left, tpm_reset = _window(decision.tpm)
+    """The guide's X-RateLimit-* names and OpenAI's x-ratelimit-* names: the key's windows,
+    or, for a request a limit above the key (or the key's limit for the model) denied,
+    that limit's window in place of the key's of the same kind."""
+    rpm, tpm = decision.rpm, decision.tpm
+    if decision.window is not None:
+        if decision.limit_hit is LimitHit.RPM:
+            rpm = decision.window
+        else:
+            tpm = decision.window
+    rpm_limit, rpm_left, rpm_reset = _window(rpm)
+    tpm_limit, tpm_left, tpm_reset = _window(tpm)
     return [
         ("x-ratelimit-limit-tpm", tpm_limit),
         ("x-ratelimit-remaining-tpm", tpm_left),

@@ -25,6 +25,7 @@ from keys.errors import InvalidArgument, NotFound, StoreUnavailable
 from keys.keygen import ParsedKey
 from keys.model import (
     WINDOW_MS,
+    BodyModel,
     Decision,
     KeySpec,
     KeyUpdate,
@@ -162,7 +163,8 @@ class KeyStore:
             if reply.code in _IDENTITY:
                 return Decision(_REASONS[reply.code], key.key_id)
             if self.redis.cluster and reply.code is CheckCode.ALLOWED:
-                reply = await self._admit_levels(key.key_id, reply, now, amount, priced)
+                opens = model.kind is not BodyModel.NO_BODY
+                reply = await self._admit_levels(key.key_id, reply, now, amount, priced, opens)
         except asyncio.CancelledError:
             # The caller gave up (Envoy's timeout): the script may have run, and nobody
             # will ever hear its request id. Release it now rather than after the TTL.
@@ -231,6 +233,7 @@ class KeyStore:
             self.reservation_ttl_ms,
             *level_args,
             self.budget_mode,
+            0 if model.kind is BodyModel.NO_BODY else 1,
         ]
         return scripts.decode_check(await self._run(scripts.CHECK, keys, args))
 
@@ -262,7 +265,7 @@ class KeyStore:
         return user_id, team_id
 
     async def _admit_levels(
-        self, key_id: str, reply: CheckReply, now: int, amount: int, priced: bool
+        self, key_id: str, reply: CheckReply, now: int, amount: int, priced: bool, opens: bool
     ) -> CheckReply:
         """Redis Cluster: the user's and team's budgets, each atomic in its own slot,
         after the key admitted the request. A level that refuses is compensated: every
@@ -282,6 +285,7 @@ class KeyStore:
             1 if priced else 0,
             self.budget_mode,
             1 if reply.enforce else 0,
+            1 if opens else 0,
         ]
         replies = await asyncio.gather(
             *(

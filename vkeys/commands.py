@@ -306,7 +306,8 @@ def limit_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         type=model_limit,
         metavar="MODEL=RPM:TPM",
-        help="a per-model limit, e.g. gpt-4o=10:20000 (repeat)",
+        help="a per-model limit, e.g. gpt-4o=10:20000 (repeat; on update the list replaces "
+        "every per-model limit the key had)",
     )
     shadow = parser.add_mutually_exclusive_group()
     shadow.add_argument(

@@ -161,14 +161,16 @@ local function parallel_short(lv, now)
 end
 
 -- Counts the request at one level and opens its in-flight record there (rate_short ran
--- first: it opens a fresh window when the last one has closed).
-local function admit(lv, now, window, id, amount, expires, keep_ms)
+-- first: it opens a fresh window when the last one has closed). A request without a body
+-- (`opens` false: nothing to generate, nothing will report it) is only counted.
+local function admit(lv, now, window, id, amount, expires, keep_ms, opens)
   if lv.fresh then
     redis.call('HSET', lv.rec, 'win_start', now, 'win_requests', 1, 'win_tokens', 0)
   else
     redis.call('HINCRBY', lv.rec, 'win_requests', 1)
   end
   lv.requests = lv.requests + 1
+  if not opens then return end
   redis.call('ZADD', lv.inf, expires, id)
   redis.call('PEXPIRE', lv.inf, keep_ms)
   if amount ~= '0' then redis.call('HINCRBY', lv.rec, 'reserved', amount) end

@@ -21,6 +21,8 @@
 -- ARGV[12] the user id whose budget KEYS[4..5] are ('' none)
 -- ARGV[13] the team id whose budget follows the user's ('' none)
 -- ARGV[14] budget mode: reserve or after
+-- ARGV[15] 1 open an in-flight record (and take a concurrency slot), 0 not: a request
+--          without a body, which nothing will report (GET /v1/models)
 -- returns {code} for codes 1-3; {10, user_id, team_id} when inline levels are needed and
 -- not given (or not these); else {code, user_id, team_id, rpm_limit, requests, tpm_limit,
 -- tokens, reset_ms, request_id, expired, shadow_code, level, d1, d2, d3, enforce, levels}:
@@ -37,6 +39,7 @@ local next_month = tonumber(ARGV[6])
 local amount, priced = ARGV[8], ARGV[9]
 local ttl = tonumber(ARGV[10])
 local mode = ARGV[14]
+local opens = ARGV[15] ~= '0'
 
 local state = key_state(KEYS[1], ARGV[1], now)
 if state ~= 0 then return {state} end
@@ -100,9 +103,11 @@ for i = 2, #levels do
   local hit = rate_short(levels[i], now, window)
   if hit then fail(hit[1] == 'rpm' and 6 or 7, levels[i].name, hit[2], hit[3], hit[4]) end
 end
-for _, lv in ipairs(levels) do
-  local full = parallel_short(lv, now)
-  if full then fail(9, lv.name, full) end
+if opens then
+  for _, lv in ipairs(levels) do
+    local full = parallel_short(lv, now)
+    if full then fail(9, lv.name, full) end
+  end
 end
 
 local key = levels[1]
@@ -122,7 +127,7 @@ if short and not shadow then return reply(short[1]) end
 
 local id = ARGV[7] .. '-' .. amount
 local expires, keep = now + ttl, ttl + 60000
-for _, lv in ipairs(levels) do admit(lv, now, window, id, amount, expires, keep) end
+for _, lv in ipairs(levels) do admit(lv, now, window, id, amount, expires, keep, opens) end
 if per_model then
   if per_model.fresh then
     redis.call('HSET', KEYS[3], 's:' .. model, now, 'r:' .. model, 1, 't:' .. model, 0)

@@ -8,6 +8,7 @@
 -- ARGV[4]  the request id   ARGV[5] the reservation, nano-USD
 -- ARGV[6]  reservation lifetime, ms   ARGV[7] 1 priced, 0 not   ARGV[8] reserve or after
 -- ARGV[9]  1 enforce, 0 shadow (the key's `enforce`)
+-- ARGV[10] 1 open an in-flight record, 0 not (as check.lua's ARGV[15])
 -- returns {code, shadow_code, d1, d2, d3, admitted}: codes as check.lua's (0 passed,
 --   5 budget, 6 RPM, 7 TPM, 8 not priced, 9 concurrency); admitted 1 when the request
 --   was counted here (0 for a budget that does not exist, or a denial)
@@ -23,10 +24,11 @@ local free = budget_short(lv, amount, ARGV[8])
 if free and not short then short = {5, free, 0, 0} end
 local hit = rate_short(lv, now, window)
 if hit and not short then short = {hit[1] == 'rpm' and 6 or 7, hit[2], hit[3], hit[4]} end
-local full = parallel_short(lv, now)
+local opens = ARGV[10] ~= '0'
+local full = opens and parallel_short(lv, now)
 if full and not short then short = {9, full, 0, 0} end
 
 if short and ARGV[9] ~= '0' then return {short[1], 0, short[2], short[3], short[4], 0} end
-admit(lv, now, window, ARGV[4], amount, now + tonumber(ARGV[6]), tonumber(ARGV[6]) + 60000)
+admit(lv, now, window, ARGV[4], amount, now + tonumber(ARGV[6]), tonumber(ARGV[6]) + 60000, opens)
 if short then return {0, short[1], short[2], short[3], short[4], 1} end
 return {0, 0, '', 0, 0, 1}

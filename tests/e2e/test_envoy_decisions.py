@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -15,8 +16,9 @@ import pytest
 from devstack.mock_upstream import MockUpstream
 from devstack.processes import RedisServer, free_port
 from keys.store import KeyStore
+from keys.v1 import keys_pb2
 from tests.conftest import Envoy, ManualClock, start_envoy, start_server
-from tests.helpers import Clients, HttpReply, chat_body, fetch, key_spec
+from tests.helpers import Clients, HttpReply, chat_body, eventually, fetch, key_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -333,3 +335,36 @@ def test_public_path_still_passes_when_extauthz_is_unreachable(
         assert fetch(envoy.port, "GET", "/healthz").status == 200
     finally:
         envoy.process.stop()
+
+
+def test_a_per_model_429_carries_the_models_window_in_its_headers(
+    envoy: Envoy, clients: Clients
+) -> None:
+    key, _ = clients.create_key(
+        rpm_limit=100, model_limits={"gpt-4": keys_pb2.ModelLimit(rpm_limit=1)}
+    )
+    auth = {"authorization": f"Bearer {key}"}
+    assert post(envoy, auth, chat_body()).status == 200
+    reply = post(envoy, auth, chat_body())
+    error = assert_denied(reply, 429, "rate_limit_exceeded")
+    assert 'model "gpt-4"' in str(error["message"])
+    assert reply.headers["x-ratelimit-limit-requests"] == "1"
+    assert reply.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_a_request_held_in_flight_takes_the_keys_one_slot_until_it_is_reported(
+    envoy: Envoy, clients: Clients, upstream: MockUpstream
+) -> None:
+    """The README's demo: the mock upstream holds a request when asked to."""
+    key, data = clients.create_key(max_parallel_requests=1)
+    auth = {"authorization": f"Bearer {key}", "x-mock-delay-seconds": "2"}
+    seen = len(upstream.seen)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow = pool.submit(post, envoy, auth, chat_body())
+        assert eventually(lambda: len(upstream.seen) > seen)
+        reply = post(envoy, {"authorization": f"Bearer {key}"}, chat_body())
+        assert_denied(reply, 429, "concurrency_limit_exceeded")
+        assert reply.headers["retry-after"] == "1"
+        assert slow.result().status == 200
+    assert clients.get_key(data.id).in_flight == 0  # the mock's report closed it
+    assert post(envoy, {"authorization": f"Bearer {key}"}, chat_body()).status == 200

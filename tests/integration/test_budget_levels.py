@@ -235,3 +235,14 @@ def test_level_keys_live_in_their_own_slots() -> None:
         keyspace.level_key("team", "t").split("{")[1].split("}")[0],
     }
     assert len(tags) == 3
+
+
+async def test_a_request_without_a_body_takes_no_team_slot(levels: Levels) -> None:
+    from keys.model import NO_BODY
+
+    team = unique("team")
+    await budget(levels, "team", team, max_parallel=1)
+    key = await new_key(levels, team_id=team)
+    assert (await levels.store.check(key, NO_BODY)).allowed
+    assert (await levels.budgets.get("team", team)).in_flight == 0
+    assert (await levels.store.check(key, GPT4)).allowed

@@ -249,3 +249,19 @@ async def test_a_check_its_caller_abandons_leaves_no_reservation(store: KeyStore
     record = await store.get(key.key_id)
     assert cancelled and record.total_requests > 0, "no Check was cancelled after its script"
     assert (record.in_flight, record.reserved_nanos) == (0, 0)
+
+
+async def test_a_request_without_a_body_takes_no_slot_and_holds_nothing(
+    store: KeyStore,
+) -> None:
+    """GET /v1/models generates nothing and nothing reports it: it is counted against RPM
+    but opens no in-flight record, so it cannot hold a slot for the TTL."""
+    from keys.model import NO_BODY
+
+    key = await new_key(store, max_parallel=1, rpm_limit=10)
+    for _ in range(3):
+        assert (await store.check(key, NO_BODY)).allowed
+    record = await store.get(key.key_id)
+    assert (record.in_flight, record.window_requests) == (0, 3)
+    assert (await store.check(key, GPT4)).allowed
+    assert (await store.check(key, NO_BODY)).allowed  # a full slot does not refuse it

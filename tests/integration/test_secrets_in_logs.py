@@ -34,6 +34,7 @@ def test_full_scenario_logs_no_secret(server: Server, clients: Clients) -> None:
     log = server.process.log_text()
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     denials = [e for e in lines if e["msg"] == "denied" and e.get("key_id") == data.id]
+    assert {e["level"] for e in denials} == {"info"}  # no extra field takes "level"
     assert {e["reason"] for e in denials} >= {
         "model_not_allowed",
         "invalid_api_key",
