@@ -112,7 +112,11 @@ class Decider:
             started = time.perf_counter()
             try:
                 decision = await self.store.check(
-                    key, model, reserve_nanos=cost.amount_nanos, priced=cost.priced
+                    key,
+                    model,
+                    reserve_nanos=cost.amount_nanos,
+                    priced=cost.priced,
+                    family=self.prices.family(model.name) if model.name else "",
                 )
             finally:
                 self.metrics.redis_check_latency.observe(time.perf_counter() - started)

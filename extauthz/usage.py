@@ -67,7 +67,17 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
             cost = validation.usd("cost", request.cost)
         else:
             cost = self.prices.cost_nanos(model, prompt, completion)
-        return UsageReport(key_id, request_id, model, provider, prompt, completion, total, cost)
+        return UsageReport(
+            key_id,
+            request_id,
+            model,
+            provider,
+            prompt,
+            completion,
+            total,
+            cost,
+            family=self.prices.family(model),
+        )
 
     @rpc_errors
     async def ReportUsage(

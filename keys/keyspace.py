@@ -86,6 +86,12 @@ def reservation_id(token: str, amount_nanos: int) -> str:
     return f"{token}-{amount_nanos}"
 
 
+def level_member(key_id: str, request_id: str) -> str:
+    """A request's in-flight record in a user's or team's set: it names the key, so a
+    report under another key of the team cannot close it."""
+    return f"{key_id}:{request_id}"
+
+
 def reservation_amount(request_id: str) -> int:
     """The nano-USD a reservation id holds (0 for an id this server did not issue)."""
     _, sep, amount = request_id.rpartition("-")

@@ -246,6 +246,8 @@ class UsageReport:
     completion_tokens: int
     total_tokens: int
     cost_nanos: int
+    # the price-table entry of `model` (PriceTable.family), which a per-model limit may name
+    family: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -186,6 +186,13 @@ class PriceTable:
             return entry
         return DEFAULT_ENTRY if DEFAULT_ENTRY in self._prices else None
 
+    def family(self, model: str) -> str:
+        """The entry a per-model limit on a key may name for `model`: its own entry, an
+        alias's or a snapshot's (`gpt-4o-2024-08-06` -> `gpt-4o`); "" for one that only
+        `default` prices, or nothing."""
+        entry = self.entry(model)
+        return "" if entry is None or entry == DEFAULT_ENTRY else entry
+
     def label(self, model: str) -> str:
         """A metric label for `model`: the table entry that prices it, so clients choosing
         model strings cannot create label values (`gpt-4-0613` counts as `gpt-4`); `other`

@@ -132,22 +132,20 @@ def decode_check(reply: Any) -> CheckReply:
 
 @dataclass(frozen=True, slots=True)
 class LevelReply:
-    """level_admit.lua: passed (admitted or no budget there), or a shortfall."""
+    """level_admit.lua: passed (admitted, or no budget there), or refused."""
 
     admitted: bool
     short: Shortfall | None
-    enforced: bool  # False: the shortfall is a shadow one (admitted anyway)
 
 
 def decode_level_admit(reply: Any, level: str) -> LevelReply:
-    code, shadow = CheckCode(int(reply[0])), int(reply[1])
-    short_code = code if code is not CheckCode.ALLOWED else CheckCode(shadow)
+    code = CheckCode(int(reply[0]))
     short = (
         None
-        if short_code is CheckCode.ALLOWED
-        else Shortfall(short_code, level, str(reply[2]), int(reply[3]), int(reply[4]))
+        if code is CheckCode.ALLOWED
+        else Shortfall(code, level, str(reply[1]), int(reply[2]), int(reply[3]))
     )
-    return LevelReply(int(reply[5]) == 1, short, code is not CheckCode.ALLOWED)
+    return LevelReply(int(reply[4]) == 1, short)
 
 
 def decode_authenticate(reply: Any) -> CheckCode:

@@ -145,6 +145,7 @@ class KeyStore:
         *,
         reserve_nanos: int = 0,
         priced: bool = True,
+        family: str = "",
     ) -> Decision:
         """Decides one request and, when it passes, counts it, reserves `reserve_nanos`
         (reserve mode) and opens its in-flight record, at the key and every budget above
@@ -154,10 +155,12 @@ class KeyStore:
         token = secrets.token_hex(12)
         try:
             owners = self._owners.get(key.key_id)
-            reply = await self._check_script(key, model, now, token, amount, priced, owners)
+            reply = await self._check_script(key, model, now, token, amount, priced, owners, family)
             if reply.code is CheckCode.NEED_LEVELS:
                 owners = self._remember(key.key_id, reply.user_id, reply.team_id)
-                reply = await self._check_script(key, model, now, token, amount, priced, owners)
+                reply = await self._check_script(
+                    key, model, now, token, amount, priced, owners, family
+                )
                 if reply.code is CheckCode.NEED_LEVELS:  # pragma: no cover (owners are fixed)
                     raise StoreUnavailable("the key's user or team changed during a Check")
             if reply.code in _IDENTITY:
@@ -190,15 +193,20 @@ class KeyStore:
         still overtake it, the reservation expires with the TTL like any unreported one."""
         await asyncio.sleep(after_s)
         owners = self._owners.get(key_id, ("", ""))
-        targets = [(keyspace.record_key(key_id), keyspace.inflight_key(key_id))] + [
-            (keyspace.level_key(scope, scope_id), keyspace.level_inflight_key(scope, scope_id))
+        member = keyspace.level_member(key_id, request_id)
+        targets = [(keyspace.record_key(key_id), keyspace.inflight_key(key_id), request_id)] + [
+            (
+                keyspace.level_key(scope, scope_id),
+                keyspace.level_inflight_key(scope, scope_id),
+                member,
+            )
             for scope, scope_id in zip(("user", "team"), owners, strict=True)
             if scope_id
         ]
         try:
-            for record, inflight in targets:
+            for record, inflight, name in targets:
                 await self._run(
-                    scripts.LEVEL_RELEASE, [record, inflight], [request_id, admitted_ms, WINDOW_MS]
+                    scripts.LEVEL_RELEASE, [record, inflight], [name, admitted_ms, WINDOW_MS]
                 )
         except StoreUnavailable:
             log.warning("could not release an abandoned reservation", extra={"key_id": key_id})
@@ -212,6 +220,7 @@ class KeyStore:
         amount: int,
         priced: bool,
         owners: tuple[str, str] | None,
+        family: str,
     ) -> CheckReply:
         keys: list[Arg] = [
             keyspace.record_key(key.key_id),
@@ -234,6 +243,7 @@ class KeyStore:
             *level_args,
             self.budget_mode,
             0 if model.kind is BodyModel.NO_BODY else 1,
+            family,
         ]
         return scripts.decode_check(await self._run(scripts.CHECK, keys, args))
 
@@ -279,12 +289,11 @@ class KeyStore:
             now,
             WINDOW_MS,
             next_month_start_ms(now),
-            reply.request_id,
+            keyspace.level_member(key_id, reply.request_id),
             amount,
             self.reservation_ttl_ms,
             1 if priced else 0,
             self.budget_mode,
-            1 if reply.enforce else 0,
             1 if opens else 0,
         ]
         replies = await asyncio.gather(
@@ -301,23 +310,23 @@ class KeyStore:
             scripts.decode_level_admit(r, scope)
             for r, (scope, _) in zip(replies, scopes, strict=True)
         ]
-        refused = next((lv.short for lv in levels if lv.short and lv.enforced), None)
+        refused = next((lv.short for lv in levels if lv.short), None)
         if refused is None:
-            shadow = reply.short or next((lv.short for lv in levels if lv.short), None)
             admitted_at = [s for (s, _), lv in zip(scopes, levels, strict=True) if lv.admitted]
-            return replace(reply, short=shadow, levels=(*reply.levels, *admitted_at))
-        admitted = (
-            [keyspace.record_key(key_id), keyspace.inflight_key(key_id)],
+            return replace(reply, levels=(*reply.levels, *admitted_at))
+        member = keyspace.level_member(key_id, reply.request_id)
+        admitted = [
+            ([keyspace.record_key(key_id), keyspace.inflight_key(key_id)], reply.request_id),
             *(
-                [keyspace.level_key(s, i), keyspace.level_inflight_key(s, i)]
+                ([keyspace.level_key(s, i), keyspace.level_inflight_key(s, i)], member)
                 for (s, i), lv in zip(scopes, levels, strict=True)
                 if lv.admitted
             ),
-        )
+        ]
         await asyncio.gather(
             *(
-                self._run(scripts.LEVEL_RELEASE, keys, [reply.request_id, now, WINDOW_MS])
-                for keys in admitted
+                self._run(scripts.LEVEL_RELEASE, keys, [name, now, WINDOW_MS])
+                for keys, name in admitted
             )
         )
         return replace(reply, code=refused.code, request_id="", short=refused)
@@ -405,6 +414,7 @@ class KeyStore:
             next_month_start_ms(now),
             report.request_id,
             *level_args,
+            report.family,
         ]
         return scripts.decode_report(await self._run(scripts.REPORT_USAGE, keys, args))
 
@@ -413,7 +423,7 @@ class KeyStore:
     ) -> None:
         args: list[Arg] = [
             now,
-            report.request_id,
+            keyspace.level_member(report.key_id, report.request_id),
             report.cost_nanos,
             report.total_tokens,
             WINDOW_MS,

@@ -171,17 +171,19 @@ local function admit(lv, now, window, id, amount, expires, keep_ms, opens)
   end
   lv.requests = lv.requests + 1
   if not opens then return end
-  redis.call('ZADD', lv.inf, expires, id)
+  redis.call('ZADD', lv.inf, expires, (lv.prefix or '') .. id)
   redis.call('PEXPIRE', lv.inf, keep_ms)
   if amount ~= '0' then redis.call('HINCRBY', lv.rec, 'reserved', amount) end
 end
 
 -- Closes the request's reservation at one level, if open. Returns 1 settled (open and
 -- not yet expired), 0 no open reservation, -1 it had expired (released, uncharged).
+-- Above the key, members are `<key id>:<request id>` (lv.prefix).
 local function release(lv, id, now)
-  local expires = redis.call('ZSCORE', lv.inf, id)
+  local member = (lv.prefix or '') .. id
+  local expires = redis.call('ZSCORE', lv.inf, member)
   if not expires then return 0 end
-  redis.call('ZREM', lv.inf, id)
+  redis.call('ZREM', lv.inf, member)
   local amount = reserved_by(id)
   if amount ~= '0' then redis.call('HINCRBY', lv.rec, 'reserved', '-' .. amount) end
   if tonumber(expires) <= now then return -1 end

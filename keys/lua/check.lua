@@ -23,6 +23,7 @@
 -- ARGV[14] budget mode: reserve or after
 -- ARGV[15] 1 open an in-flight record (and take a concurrency slot), 0 not: a request
 --          without a body, which nothing will report (GET /v1/models)
+-- ARGV[16] the price-table entry that prices the model ('' none), for per-model limits
 -- returns {code} for codes 1-3; {10, user_id, team_id} when inline levels are needed and
 -- not given (or not these); else {code, user_id, team_id, rpm_limit, requests, tpm_limit,
 -- tokens, reset_ms, request_id, expired, shadow_code, level, d1, d2, d3, enforce, levels}:
@@ -50,22 +51,29 @@ if ARGV[11] == 'inline' and (ARGV[12] ~= user_id or ARGV[13] ~= team_id) then
 end
 
 local levels = {load_level('key', KEYS[1], KEYS[2], now, next_month)}
+local key_id = string.match(KEYS[1], '^vk:{(.*)}$')
 if ARGV[11] == 'inline' then
   local k = 4
   for _, scope in ipairs({{'user', user_id}, {'team', team_id}}) do
     if scope[2] ~= '' then
       if redis.call('EXISTS', KEYS[k]) == 1 then
-        levels[#levels + 1] = load_level(scope[1], KEYS[k], KEYS[k + 1], now, next_month)
+        local lv = load_level(scope[1], KEYS[k], KEYS[k + 1], now, next_month)
+        lv.prefix = key_id .. ':'  -- its members name the key: no other key's report closes them
+        levels[#levels + 1] = lv
       end
       k = k + 2
     end
   end
 end
 
--- the first failing step decides: {code, level, d1, d2, d3}
-local short = nil
+-- the first failing step decides: {code, level, d1, d2, d3}. Shadow mode (the key's
+-- `enforce` off) waives the key's own limits only: a user's or team's budget binds
+-- every key under it, so the first failure there (`hard`) denies whatever the key says.
+local short, hard = nil, nil
 local function fail(code, level, d1, d2, d3)
-  if not short then short = {code, level, d1 or '', d2 or 0, d3 or 0} end
+  local s = {code, level, d1 or '', d2 or 0, d3 or 0}
+  if not short then short = s end
+  if not hard and (level == 'user' or level == 'team') then hard = s end
 end
 
 if f[1] ~= '*' and model_kind ~= '0' then
@@ -83,12 +91,16 @@ for _, lv in ipairs(levels) do
   if free then fail(5, lv.name, free) end
 end
 -- rate: the key, the key's limit for this model, then the levels above
-local per_model = nil
+-- a per-model limit names a model exactly, or the price-table entry that prices it
+-- (ARGV[16]: `gpt-4o` limits `gpt-4o-2024-08-06` too); the exact name wins
+local per_model, lm = nil, nil
 if model_kind == '1' then
-  local ml = redis.call('HGET', KEYS[1], 'ml:' .. model)
+  local found = redis.call('HMGET', KEYS[1], 'ml:' .. model, 'ml:' .. ARGV[16])
+  local ml = found[1] or found[2]
   if ml then
+    lm = found[1] and model or ARGV[16]
     local rpm, tpm = string.match(ml, '^(%d+) (%d+)$')
-    local w = redis.call('HMGET', KEYS[3], 's:' .. model, 'r:' .. model, 't:' .. model)
+    local w = redis.call('HMGET', KEYS[3], 's:' .. lm, 'r:' .. lm, 't:' .. lm)
     per_model = {name = 'model', rpm = tonumber(rpm), tpm = tonumber(tpm),
       start = tonumber(w[1]) or 0, requests = tonumber(w[2]) or 0, tokens = tonumber(w[3]) or 0}
   end
@@ -114,28 +126,28 @@ local key = levels[1]
 local shadow = f[4] == '0'
 local names = levels[1].name
 for i = 2, #levels do names = names .. ',' .. levels[i].name end
-local function reply(code, id)
+local function reply(code, id, s)
   local r = {code, user_id, team_id, key.rpm, key.requests, key.tpm, key.tokens,
     key.start + window - now, id or '', key.expired, 0, '', '', 0, 0, shadow and 0 or 1,
     names}
-  if short then
-    r[11], r[12], r[13], r[14], r[15] = short[1], short[2], short[3], short[4], short[5]
-  end
+  if s then r[11], r[12], r[13], r[14], r[15] = s[1], s[2], s[3], s[4], s[5] end
   return r
 end
-if short and not shadow then return reply(short[1]) end
+local decisive = short
+if shadow then decisive = hard end
+if decisive then return reply(decisive[1], nil, decisive) end
 
 local id = ARGV[7] .. '-' .. amount
 local expires, keep = now + ttl, ttl + 60000
 for _, lv in ipairs(levels) do admit(lv, now, window, id, amount, expires, keep, opens) end
 if per_model then
   if per_model.fresh then
-    redis.call('HSET', KEYS[3], 's:' .. model, now, 'r:' .. model, 1, 't:' .. model, 0)
+    redis.call('HSET', KEYS[3], 's:' .. lm, now, 'r:' .. lm, 1, 't:' .. lm, 0)
   else
-    redis.call('HINCRBY', KEYS[3], 'r:' .. model, 1)
+    redis.call('HINCRBY', KEYS[3], 'r:' .. lm, 1)
   end
   redis.call('PEXPIRE', KEYS[3], window * 2)
 end
 redis.call('HSET', KEYS[1], 'last_used', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'total_requests', 1)
-return reply(0, id)
+return reply(0, id, short)

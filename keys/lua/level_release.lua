@@ -2,7 +2,8 @@
 -- script, so a refusal after earlier levels admitted the request is compensated here).
 -- (keys/lua/_lib.lua is prepended)
 -- KEYS[1]  a level's record (the key's, or a budget's)   KEYS[2] its open reservations
--- ARGV[1]  the request id   ARGV[2] when it was admitted, ms   ARGV[3] rate window, ms
+-- ARGV[1]  the member: the request id at the key, `<key id>:<request id>` above it
+-- ARGV[2]  when it was admitted, ms   ARGV[3] rate window, ms
 -- returns 1 released, 0 nothing was open under that id (already released or expired)
 local released = release({rec = KEYS[1], inf = KEYS[2]}, ARGV[1], tonumber(ARGV[2]))
 if released == 0 then return 0 end

@@ -3,7 +3,8 @@
 -- completes a level that a crash left uncharged and charges no level twice.
 -- (keys/lua/_lib.lua is prepended: release, charge)
 -- KEYS[1]  the budget's record   KEYS[2] its open reservations   KEYS[3] this level's marker
--- ARGV[1]  now, ms   ARGV[2] the request id   ARGV[3] cost, nano-USD   ARGV[4] tokens
+-- ARGV[1]  now, ms   ARGV[2] the member, `<key id>:<request id>`   ARGV[3] cost, nano-USD
+-- ARGV[4]  tokens
 -- ARGV[5]  rate window, ms   ARGV[6] next month start, ms   ARGV[7] seconds to keep the marker
 -- returns 0 no such budget, 1 charged, 2 charged before
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end

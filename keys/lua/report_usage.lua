@@ -20,6 +20,7 @@
 -- ARGV[11] the request id
 -- ARGV[12] inline or apart (as check.lua's ARGV[11])
 -- ARGV[13] the user id whose budget KEYS[6..7] are; ARGV[14] the team id after it
+-- ARGV[15] the price-table entry that prices the model ('' none), for per-model limits
 -- returns {status, spent, max_budget, settled, user_id, team_id, reserved}: status 0 unknown key,
 --   1 charged, 2 duplicate, 3 refused: the charge would overflow an int64 counter,
 --   10 inline levels needed and not given (or not these); settled 1 the request's
@@ -41,18 +42,21 @@ local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[8])
 local next_month = tonumber(ARGV[10])
 local id, cost, tokens = ARGV[11], ARGV[2], ARGV[3]
+local key_id = string.match(KEYS[1], '^vk:{(.*)}$')
 
 local settled = release({rec = KEYS[1], inf = KEYS[4]}, id, now)
 charge(KEYS[1], now, cost, tokens, window, next_month)
 
 local model = ARGV[6]
-local ml = redis.call('HGET', KEYS[1], 'ml:' .. model)
-if ml then
-  local start = tonumber(redis.call('HGET', KEYS[5], 's:' .. model)) or 0
+-- the per-model limit that counts this model: its exact name, else its price entry
+local found = redis.call('HMGET', KEYS[1], 'ml:' .. model, 'ml:' .. ARGV[15])
+if found[1] or found[2] then
+  local lm = found[1] and model or ARGV[15]
+  local start = tonumber(redis.call('HGET', KEYS[5], 's:' .. lm)) or 0
   if now >= start + window then
-    redis.call('HSET', KEYS[5], 's:' .. model, now, 'r:' .. model, 0, 't:' .. model, tokens)
+    redis.call('HSET', KEYS[5], 's:' .. lm, now, 'r:' .. lm, 0, 't:' .. lm, tokens)
   else
-    redis.call('HINCRBY', KEYS[5], 't:' .. model, tokens)
+    redis.call('HINCRBY', KEYS[5], 't:' .. lm, tokens)
   end
   redis.call('PEXPIRE', KEYS[5], window * 2)
 end
@@ -62,7 +66,7 @@ if ARGV[12] == 'inline' then
   for _, scope_id in ipairs({user_id, team_id}) do
     if scope_id ~= '' then
       if redis.call('EXISTS', KEYS[k]) == 1 then
-        release({rec = KEYS[k], inf = KEYS[k + 1]}, id, now)
+        release({rec = KEYS[k], inf = KEYS[k + 1], prefix = key_id .. ':'}, id, now)
         charge(KEYS[k], now, cost, tokens, window, next_month)
       end
       k = k + 2

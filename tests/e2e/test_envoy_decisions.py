@@ -350,6 +350,8 @@ def test_a_per_model_429_carries_the_models_window_in_its_headers(
     assert 'model "gpt-4"' in str(error["message"])
     assert reply.headers["x-ratelimit-limit-requests"] == "1"
     assert reply.headers["x-ratelimit-remaining-requests"] == "0"
+    # a dated snapshot is the same model to the limit, as to the price table
+    assert_denied(post(envoy, auth, chat_body("gpt-4-0613")), 429, "rate_limit_exceeded")
 
 
 def test_a_request_held_in_flight_takes_the_keys_one_slot_until_it_is_reported(

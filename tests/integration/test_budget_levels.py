@@ -195,12 +195,29 @@ async def test_an_unpriced_model_is_refused_where_only_the_team_has_a_budget(
     assert (denied.reason, denied.level) == (Reason.MODEL_NOT_PRICED, Level.TEAM)
 
 
-async def test_shadow_mode_lets_a_team_refusal_through_and_says_so(levels: Levels) -> None:
+async def test_shadow_mode_waives_the_keys_limits_but_never_its_teams(levels: Levels) -> None:
+    """A team's budget binds every key under it: a key in shadow mode cannot spend it
+    past its limit (else any key could opt its team out)."""
     team = unique("team")
-    await budget(levels, "team", team, max_budget_nanos=1_000)
-    key = await new_key(levels, team_id=team, enforce=False)
-    decision = await levels.store.check(key, GPT4, reserve_nanos=5_000)
-    assert decision.allowed and decision.would_deny is Reason.BUDGET_EXCEEDED
+    await budget(levels, "team", team, max_budget_nanos=6_000)
+    key = await new_key(levels, team_id=team, enforce=False, max_budget_nanos=1_000)
+    waived = await levels.store.check(key, GPT4, reserve_nanos=5_000)
+    assert waived.allowed and waived.would_deny is Reason.BUDGET_EXCEEDED
+    denied = await levels.store.check(key, GPT4, reserve_nanos=5_000)
+    assert (denied.reason, denied.level) == (Reason.BUDGET_EXCEEDED, Level.TEAM)
+
+
+async def test_a_report_under_another_key_cannot_close_a_teammates_reservation(
+    levels: Levels,
+) -> None:
+    team = unique("team")
+    await budget(levels, "team", team, max_parallel=1)
+    owner = await new_key(levels, team_id=team)
+    other = await new_key(levels, team_id=team)
+    held = await levels.store.check(owner, GPT4, reserve_nanos=100)
+    await levels.store.report_usage(charge(other, held.request_id, 0))
+    assert (await levels.budgets.get("team", team)).in_flight == 1
+    assert not (await levels.store.check(other, GPT4)).allowed
 
 
 async def test_a_budget_counts_only_what_is_charged_after_it_was_set(levels: Levels) -> None:

@@ -265,3 +265,12 @@ async def test_a_request_without_a_body_takes_no_slot_and_holds_nothing(
     assert (record.in_flight, record.window_requests) == (0, 3)
     assert (await store.check(key, GPT4)).allowed
     assert (await store.check(key, NO_BODY)).allowed  # a full slot does not refuse it
+
+
+async def test_a_per_model_limit_also_limits_the_models_snapshots(store: KeyStore) -> None:
+    """`gpt-4o` limits `gpt-4o-2024-08-06` (the price table's entry for it) too."""
+    key = await new_key(store, model_limits={"gpt-4o": ModelLimit(rpm_limit=1)})
+    snapshot = RequestedModel.named("gpt-4o-2024-08-06")
+    assert (await store.check(key, RequestedModel.named("gpt-4o"), family="gpt-4o")).allowed
+    denied = await store.check(key, snapshot, family="gpt-4o")
+    assert (denied.reason, denied.level) == (Reason.RATE_LIMIT_EXCEEDED, Level.MODEL)
