@@ -44,7 +44,7 @@ def presented_key(headers: Mapping[str, str]) -> ParsedKey | None:
 
 
 OUTPUT_CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
-MAX_CHOICES = 128
+MAX_CHOICES = 128  # OpenAI's limit on `n`
 
 
 def requested_model(body: bytes, headers: Mapping[str, str], body_bytes: int = 0) -> RequestedModel:
@@ -59,23 +59,58 @@ def requested_model(body: bytes, headers: Mapping[str, str], body_bytes: int = 0
 def _declared_length(headers: Mapping[str, str]) -> int:
     for name in ("content-length", ORIGINAL_LENGTH_HEADER):
         value = headers.get(name, "").strip()
-        if value.isdigit() and len(value) <= 15:
+        if value.isascii() and value.isdigit() and len(value) <= 15:
             return int(value)
     return 0
 
 
+CHOICE_FIELDS = ("n", "best_of")
+MAX_PROMPTS = 100_000
+
+
+def _count(value: object) -> int | None:
+    """A whole number as the most lenient upstream reads one (pydantic's lax mode: an
+    integral float `8.0` or a numeric string `"8"` is 8); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 1e15 else None
+    if isinstance(value, str):
+        text = value.strip()
+        return int(text) if text.isascii() and text.isdigit() and len(text) <= 15 else None
+    return None
+
+
 def _cost_bounds(document: dict[str, object]) -> tuple[int | None, int]:
-    """(the largest output-token cap the body names, or None; the choices it asks for).
-    A value the upstream would refuse (not a whole number, negative) bounds nothing."""
-    caps = [
-        value
-        for name in OUTPUT_CAP_FIELDS
-        if isinstance(value := document.get(name), int) and not isinstance(value, bool)
-        if value >= 0
-    ]
-    n = document.get("n")
-    choices = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
-    return (max(caps) if caps else None), min(choices, MAX_CHOICES)
+    """(the output tokens one completion may have, None where the body does not bound
+    them; how many completions the request asks for). Read as leniently as any upstream
+    would, and where a value cannot be read, assumed at its worst: an unreadable output
+    cap bounds nothing (the model's own cap applies), an unreadable `n` is MAX_CHOICES.
+    Completions: the larger of `n` and `best_of`, times the prompts of a /v1/completions
+    prompt list."""
+    caps: list[int] = []
+    for name in OUTPUT_CAP_FIELDS:
+        if name in document:
+            cap = _count(document[name])
+            if cap is None or cap < 0:
+                return None, _completions(document)
+            caps.append(cap)
+    return (max(caps) if caps else None), _completions(document)
+
+
+def _completions(document: dict[str, object]) -> int:
+    choices = 1
+    for name in CHOICE_FIELDS:
+        if name in document:
+            count = _count(document[name])
+            choices = max(choices, MAX_CHOICES if count is None else count)
+    prompt = document.get("prompt")
+    prompts = 1
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
+        prompts = len(prompt)  # a batch: strings, or token lists, each completed
+    return min(choices, MAX_CHOICES) * min(prompts, MAX_PROMPTS)
 
 
 def _body_model(body: bytes, headers: Mapping[str, str]) -> RequestedModel:
@@ -89,6 +124,9 @@ def _body_model(body: bytes, headers: Mapping[str, str]) -> RequestedModel:
         if declared not in ("", "0") or "transfer-encoding" in headers:
             return UNREADABLE
         return NO_BODY
+    if headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+        # compressed: its size bounds nothing, and what it says is unknown until inflated
+        return replace(UNREADABLE, encoded=True)
     if not _json_content_type(headers.get("content-type")):
         return UNREADABLE  # a form parser would read `model=...` from the same bytes
     try:
@@ -138,7 +176,7 @@ def _with_preferred(model: RequestedModel, headers: Mapping[str, str]) -> Reques
         return claimed
     if model == claimed:
         return model
-    return replace(UNREADABLE, output_cap=model.output_cap, choices=model.choices)
+    return replace(model, kind=BodyModel.UNREADABLE, name="")
 
 
 def _named(model: str) -> RequestedModel:

@@ -50,8 +50,9 @@ class RequestedModel:
     kind: BodyModel
     name: str = ""
     output_cap: int | None = field(default=None, compare=False)
-    choices: int = field(default=1, compare=False)
+    choices: int = field(default=1, compare=False)  # completions: n (or best_of) x prompts
     body_bytes: int = field(default=0, compare=False)
+    encoded: bool = field(default=False, compare=False)  # a Content-Encoding (gzip, ...)
 
     @classmethod
     def named(cls, name: str) -> RequestedModel:

@@ -186,6 +186,12 @@ class PriceTable:
             return entry
         return DEFAULT_ENTRY if DEFAULT_ENTRY in self._prices else None
 
+    def ceiling(self) -> Price:
+        """The highest input and the highest output price of the table: what a request
+        whose model cannot be read may cost at most."""
+        prices = list(self._prices.values())
+        return Price(max(p.input_per_mtok for p in prices), max(p.output_per_mtok for p in prices))
+
     def family(self, model: str) -> str:
         """The entry a per-model limit on a key may name for `model`: its own entry, an
         alias's or a snapshot's (`gpt-4o-2024-08-06` -> `gpt-4o`); "" for one that only

@@ -12,6 +12,10 @@
   names content instead of carrying it: image URLs and file ids (an image is 85 to a few
   thousand tokens), audio, and cached or server-side context (a Responses API
   `previous_response_id`). docs/design.md says what that means for the overshoot bound.
+
+A compressed body (`Content-Encoding`) cannot be bounded by its size: it is unpriceable,
+so refused (`model_not_priced`) wherever a budget applies. A body whose model cannot be
+read is priced at the table's highest prices, and only when the table has a `default`.
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ FREE = Estimate(0, priced=True)
 def estimate(prices: PriceTable, model: RequestedModel, default_output_tokens: int) -> Estimate:
     if model.kind is BodyModel.NO_BODY:
         return FREE
-    price = prices.lookup(model.name) if model.kind is BodyModel.NAMED else _default(prices)
+    if model.encoded:
+        return Estimate(0, priced=False)  # a compressed body's size bounds nothing
+    price = prices.lookup(model.name) if model.kind is BodyModel.NAMED else _unreadable(prices)
     if price is None:
         return Estimate(0, priced=False)
     output = model.output_cap
@@ -74,6 +80,7 @@ def estimate(prices: PriceTable, model: RequestedModel, default_output_tokens: i
     )
 
 
-def _default(prices: PriceTable) -> Price | None:
-    """A body whose model cannot be read is priced only by a `default` entry."""
-    return prices.lookup(DEFAULT_ENTRY)
+def _unreadable(prices: PriceTable) -> Price | None:
+    """A body whose model cannot be read is priced only where the table has a `default`
+    entry, and then at the table's highest prices: it may name any model."""
+    return prices.ceiling() if prices.lookup(DEFAULT_ENTRY) is not None else None

@@ -370,3 +370,15 @@ def test_a_request_held_in_flight_takes_the_keys_one_slot_until_it_is_reported(
         assert slow.result().status == 200
     assert clients.get_key(data.id).in_flight == 0  # the mock's report closed it
     assert post(envoy, {"authorization": f"Bearer {key}"}, chat_body()).status == 200
+
+
+def test_a_compressed_body_is_model_not_priced_on_a_budgeted_key(
+    envoy: Envoy, clients: Clients
+) -> None:
+    """Its size bounds nothing (a few hundred bytes can inflate to megabytes of prompt)."""
+    import gzip
+
+    key, _ = clients.create_key(max_budget=50)
+    headers = {"authorization": f"Bearer {key}", "content-encoding": "gzip"}
+    reply = post(envoy, headers, gzip.compress(chat_body(max_tokens=5)))
+    assert_denied(reply, 403, "model_not_priced")
