@@ -104,6 +104,16 @@ class MockUpstream:
                 upstream.log_request(self.command, self.path, headers)
                 return headers, body
 
+            def _refuse(self, headers: dict[str, str], message: str) -> None:
+                """A 400, reported as zero usage: that closes the request's reservation
+                (a load balancer that reports only successes leaves it held, with its
+                share of the budget and its concurrency slot, until the TTL)."""
+                key_id = headers.get("x-virtual-key-id")
+                request_id = headers.get("x-virtual-key-request-id")
+                if key_id and request_id:
+                    upstream.report(usage, key_id, request_id, "", 0, 0, cost=0.0)
+                self._send(400, {"error": {"message": message}})
+
             def _send(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
@@ -128,7 +138,7 @@ class MockUpstream:
                     request = json.loads(body or b"{}")
                     assert isinstance(request, dict)
                 except (ValueError, AssertionError):
-                    self._send(400, {"error": {"message": "body is not a JSON object"}})
+                    self._refuse(headers, "body is not a JSON object")
                     return
                 model = str(request.get("model", "gpt-4"))
                 messages = request.get("messages") or []
@@ -136,7 +146,7 @@ class MockUpstream:
                 prompt = chars // 4 + 1
                 asked = request.get("max_tokens") or 10
                 if not isinstance(asked, int) or not 0 < asked <= 1_000_000:
-                    self._send(400, {"error": {"message": "max_tokens: 1..1000000"}})
+                    self._refuse(headers, "max_tokens: 1..1000000")
                     return
                 completion = asked
                 key_id = headers.get("x-virtual-key-id")
@@ -182,6 +192,7 @@ class MockUpstream:
         model: str,
         prompt: int,
         completion: int,
+        cost: float | None = None,
     ) -> None:
         self.reported.append(request_id)
         try:
@@ -193,6 +204,7 @@ class MockUpstream:
                     provider="mock",
                     prompt_tokens=prompt,
                     completion_tokens=completion,
+                    cost=cost,
                 ),
                 metadata=(("authorization", f"Bearer {self.usage_token}"),),
                 timeout=5,

@@ -382,3 +382,14 @@ def test_a_compressed_body_is_model_not_priced_on_a_budgeted_key(
     headers = {"authorization": f"Bearer {key}", "content-encoding": "gzip"}
     reply = post(envoy, headers, gzip.compress(chat_body(max_tokens=5)))
     assert_denied(reply, 403, "model_not_priced")
+
+
+def test_a_request_the_upstream_refuses_gives_its_reservation_back(
+    envoy: Envoy, clients: Clients
+) -> None:
+    """The mock, like any load balancer should, reports a failed request as zero usage."""
+    key, data = clients.create_key(max_budget=1, max_parallel_requests=1)
+    body = json.dumps({"model": "gpt-4", "messages": [], "max_tokens": -5}).encode()
+    assert post(envoy, {"authorization": f"Bearer {key}"}, body).status == 400
+    after = clients.get_key(data.id)
+    assert (after.in_flight, after.reserved, after.spent) == (0, 0, 0)
