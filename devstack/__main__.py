@@ -90,6 +90,9 @@ def main() -> int:
                 )
                 return 1
         return 0
+    except RuntimeError as exc:  # a process failed to start: its own words, no traceback
+        print(f"make run: {exc}", file=sys.stderr)
+        return 1
     finally:
         if upstream is not None:
             upstream.stop()
