@@ -121,7 +121,7 @@ class KeyStore:
         # them, ids are never reused), so a Check can name the budgets above a key in
         # its one script call. A miss costs one extra call (the script says whose).
         self._owners: dict[str, tuple[str, str]] = {}
-        self._orphans: set[asyncio.Future[None]] = set()  # releases in flight
+        self._orphans: set[asyncio.Future[int]] = set()  # releases in flight
 
     async def _run(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         try:
@@ -186,11 +186,12 @@ class KeyStore:
 
     async def release(
         self, key_id: str, request_id: str, admitted_ms: int, *, after_s: float = 0
-    ) -> None:
+    ) -> int:
         """Closes a reservation no report will settle, at the key and the budgets above it
-        (uncharged, its request uncounted). A no-op where it is not open. `after_s` lets a
-        script already on its way (on another connection) land first; should the release
-        still overtake it, the reservation expires with the TTL like any unreported one."""
+        (uncharged, its request uncounted); returns at how many levels one was open. A
+        no-op where it is not open. `after_s` lets a script already on its way (on another
+        connection) land first; should the release still overtake it, the reservation
+        expires with the TTL like any unreported one."""
         await asyncio.sleep(after_s)
         owners = self._owners.get(key_id, ("", ""))
         member = keyspace.level_member(key_id, request_id)
@@ -203,13 +204,17 @@ class KeyStore:
             for scope, scope_id in zip(("user", "team"), owners, strict=True)
             if scope_id
         ]
+        released = 0
         try:
             for record, inflight, name in targets:
-                await self._run(
-                    scripts.LEVEL_RELEASE, [record, inflight], [name, admitted_ms, WINDOW_MS]
+                released += scripts.decode_done(
+                    await self._run(
+                        scripts.LEVEL_RELEASE, [record, inflight], [name, admitted_ms, WINDOW_MS]
+                    )
                 )
         except StoreUnavailable:
             log.warning("could not release an abandoned reservation", extra={"key_id": key_id})
+        return released
 
     async def _check_script(
         self,
@@ -304,16 +309,21 @@ class KeyStore:
                     args,
                 )
                 for s, i in scopes
-            )
+            ),
+            return_exceptions=True,
         )
+        failed = next((r for r in replies if isinstance(r, BaseException)), None)
         levels = [
-            scripts.decode_level_admit(r, scope)
+            scripts.LevelReply(False, None)
+            if isinstance(r, BaseException)
+            else scripts.decode_level_admit(r, scope)
             for r, (scope, _) in zip(replies, scopes, strict=True)
         ]
         refused = next((lv.short for lv in levels if lv.short), None)
-        if refused is None:
+        if refused is None and failed is None:
             admitted_at = [s for (s, _), lv in zip(scopes, levels, strict=True) if lv.admitted]
             return replace(reply, levels=(*reply.levels, *admitted_at))
+        # refused, or a level's Redis could not answer: undo what the others admitted
         member = keyspace.level_member(key_id, reply.request_id)
         admitted = [
             ([keyspace.record_key(key_id), keyspace.inflight_key(key_id)], reply.request_id),
@@ -327,8 +337,12 @@ class KeyStore:
             *(
                 self._run(scripts.LEVEL_RELEASE, keys, [name, now, WINDOW_MS])
                 for keys, name in admitted
-            )
+            ),
+            return_exceptions=True,  # what cannot be released now expires with the TTL
         )
+        if failed is not None:
+            raise failed
+        assert refused is not None
         return replace(reply, code=refused.code, request_id="", short=refused)
 
     def _decision(self, key_id: str, reply: CheckReply) -> Decision:

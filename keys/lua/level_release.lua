@@ -8,9 +8,11 @@
 local released = release({rec = KEYS[1], inf = KEYS[2]}, ARGV[1], tonumber(ARGV[2]))
 if released == 0 then return 0 end
 -- the request was counted against RPM in the window open at admission: uncount it there
-local w = redis.call('HMGET', KEYS[1], 'win_start', 'win_requests')
+local w = redis.call('HMGET', KEYS[1], 'win_start', 'win_requests', 'total_requests')
 local start, admitted = tonumber(w[1]) or 0, tonumber(ARGV[2])
 if admitted >= start and admitted < start + tonumber(ARGV[3]) and (tonumber(w[2]) or 0) > 0 then
   redis.call('HINCRBY', KEYS[1], 'win_requests', -1)
 end
+-- a key's count of allowed requests (budgets keep none): this one was not allowed
+if (tonumber(w[3]) or 0) > 0 then redis.call('HINCRBY', KEYS[1], 'total_requests', -1) end
 return 1
