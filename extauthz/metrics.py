@@ -11,7 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from keys.model import Decision
-from keys.money import nanos_to_usd
+from keys.money import NANOS_PER_USD
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -109,6 +109,7 @@ class Metrics:
         # children looked up once: labels() costs more than the increment itself
         self._request_children: dict[tuple[str, str], Counter] = {}
         self._check_children: dict[str, Histogram] = {}
+        self._reserved_children: dict[tuple[str, str], Counter] = {}
         self.redis_check_latency = self.redis_latency.labels("check")
 
     def observe_check(self, decision: str, seconds: float) -> None:
@@ -130,11 +131,17 @@ class Metrics:
     def count_reservation(self, decision: Decision, amount_nanos: int) -> None:
         """An allowed Check opened a reservation at each of `decision.levels`."""
         self.reservations_opened.inc()
-        self.reservations_expired.inc(decision.expired)
+        if decision.expired:
+            self.reservations_expired.inc(decision.expired)
         if amount_nanos:
-            usd = nanos_to_usd(amount_nanos)
+            usd = amount_nanos / NANOS_PER_USD  # a metric: a double is exact enough
             for level in decision.levels:
-                self.reserved_usd.labels(*self._key(decision.key_id), level.value).inc(usd)
+                label = (decision.key_id if self.per_key else "", level.value)
+                child = self._reserved_children.get(label)
+                if child is None:
+                    child = self.reserved_usd.labels(*self._key(label[0]), label[1])
+                    self._reserved_children[label] = child
+                child.inc(usd)
 
     def count_usage(self, key_id: str, model: str, tokens: int, cost_usd: float) -> None:
         self.key_tokens.labels(*self._key(key_id), model).inc(tokens)

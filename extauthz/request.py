@@ -52,8 +52,8 @@ def requested_model(body: bytes, headers: Mapping[str, str], body_bytes: int = 0
     json), checked against `x-preferred-model` when the client sends one; with what
     bounds the request's cost (keys/reservation.py). `body_bytes`: the body's full size
     where Envoy sent only part of it."""
-    model = _with_preferred(_body_model(body, headers), headers)
-    return replace(model, body_bytes=max(len(body), body_bytes, _declared_length(headers)))
+    size = max(len(body), body_bytes, _declared_length(headers))
+    return _with_preferred(_body_model(body, headers, size), headers)
 
 
 def _declared_length(headers: Mapping[str, str]) -> int:
@@ -113,34 +113,36 @@ def _completions(document: dict[str, object]) -> int:
     return min(choices, MAX_CHOICES) * min(prompts, MAX_PROMPTS)
 
 
-def _body_model(body: bytes, headers: Mapping[str, str]) -> RequestedModel:
+def _body_model(body: bytes, headers: Mapping[str, str], size: int) -> RequestedModel:
     """A body we cannot read completely, or one another parser could read differently,
-    never names a model: a truncated body could hide a second `"model"` after the cut."""
+    never names a model: a truncated body could hide a second `"model"` after the cut.
+    Nor does it bound its output: an `n` after the cut counts as its maximum."""
+    unreadable = RequestedModel(BodyModel.UNREADABLE, choices=MAX_CHOICES, body_bytes=size)
     if headers.get(PARTIAL_BODY_HEADER, "").lower() == "true":
-        return UNREADABLE
+        return unreadable
     if not body:
         # A request that has a body Envoy did not forward must not pass as body-less.
         declared = headers.get("content-length", "0").strip()
         if declared not in ("", "0") or "transfer-encoding" in headers:
-            return UNREADABLE
+            return unreadable
         return NO_BODY
     if headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
         # compressed: its size bounds nothing, and what it says is unknown until inflated
-        return replace(UNREADABLE, encoded=True)
+        return replace(unreadable, encoded=True)
     if not _json_content_type(headers.get("content-type")):
-        return UNREADABLE  # a form parser would read `model=...` from the same bytes
+        return unreadable  # a form parser would read `model=...` from the same bytes
     try:
         document = _parse_json(body)
     except (ValueError, RecursionError):
-        return UNREADABLE
+        return unreadable
     if not isinstance(document, dict):
-        return UNREADABLE
+        return unreadable
     if any(k != "model" and k.casefold() == "model" for k in document):
-        return UNREADABLE  # Go's encoding/json matches "Model" to a `model` field
+        return unreadable  # Go's encoding/json matches "Model" to a `model` field
     cap, choices = _cost_bounds(document)
     model = document.get("model")
     named = _named(model) if isinstance(model, str) else UNREADABLE
-    return replace(named, output_cap=cap, choices=choices)
+    return RequestedModel(named.kind, named.name, cap, choices, size)
 
 
 def _parse_json(body: bytes) -> object:
@@ -210,7 +212,8 @@ def model_from_headers(headers: Mapping[str, str]) -> RequestedModel:
         or length not in ("", "0")
         or bool(headers.get(ORIGINAL_TRANSFER_ENCODING_HEADER, "").strip())
     )
-    return replace(_with_preferred(UNREADABLE if has_body else NO_BODY, headers), body_bytes=size)
+    unread = RequestedModel(BodyModel.UNREADABLE, choices=MAX_CHOICES, body_bytes=size)
+    return _with_preferred(unread if has_body else NO_BODY, headers)
 
 
 class AmbiguousUri(ValueError):

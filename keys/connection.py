@@ -20,7 +20,7 @@ import inspect
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -293,6 +293,12 @@ class RedisBridge:
 
     client: Client
     scripts: ScriptRunner
+    # Redis Cluster: a script may touch one slot only, so the budgets above a key (other
+    # slots) are checked in scripts of their own (docs/design.md). Fixed at construction.
+    cluster: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cluster = isinstance(self.client, RedisCluster)
 
     @classmethod
     def from_url(
@@ -313,12 +319,6 @@ class RedisBridge:
             else PipelinedScripts(PipelinedRedis(url, timeout_s=timeout_s))
         )
         return cls(client, scripts)
-
-    @property
-    def cluster(self) -> bool:
-        """Redis Cluster: a script may touch one slot only, so the budgets above a key
-        (other slots) are checked in scripts of their own (docs/design.md)."""
-        return isinstance(self.client, RedisCluster)
 
     async def load_scripts(self, scripts: Sequence[Script]) -> None:
         """SCRIPT LOAD each one now, so the first call after a Redis restart does not pay

@@ -15,19 +15,21 @@
 
 A compressed body (`Content-Encoding`) cannot be bounded by its size: it is unpriceable,
 so refused (`model_not_priced`) wherever a budget applies. A body whose model cannot be
-read is priced at the table's highest prices, and only when the table has a `default`.
+read is priced at the table's highest prices and 128 completions (an `n` may hide where
+it cannot be read), and only when the table has a `default`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
+from functools import lru_cache
 
 from keys.model import BodyModel, RequestedModel
 from keys.pricing import DEFAULT_ENTRY, Price, PriceTable
 
-_NANOS_PER_TOKEN_PER_USD_PER_MTOK = Decimal(1000)
 MAX_RESERVATION_NANOS = 10**18  # $1e9: no budget is larger
+_PICO_PER_NANO = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,20 +39,33 @@ class Estimate:
     amount_nanos: int
     priced: bool  # False: the model has no price (model_not_priced where a budget applies)
     prompt_nanos: int = 0
-    output_nanos_per_token: Decimal = Decimal(0)  # times the choices
+    output_pico_per_token: int = 0  # pico-USD per output token, times the completions
     choices: int = 1
 
     def max_tokens_within(self, free_nanos: int) -> int:
         """The largest max_tokens whose reservation fits in `free_nanos` (0: none)."""
         room = free_nanos - self.prompt_nanos
-        if room <= 0:
+        if room <= 0 or self.output_pico_per_token == 0:
             return 0
-        if self.output_nanos_per_token == 0:
-            return 0
-        return int(Decimal(room) / self.output_nanos_per_token)
+        return room * _PICO_PER_NANO // self.output_pico_per_token
 
 
 FREE = Estimate(0, priced=True)
+
+
+@lru_cache(maxsize=1024)
+def _pico_per_token(price: Price) -> tuple[int, int]:
+    """(input, output) in pico-USD per token, rounded up: integer arithmetic on the hot
+    path, and never below the price (USD per 1M tokens x 1e6 = pico-USD per token)."""
+    scale = Decimal(1_000_000)
+    return (
+        int((price.input_per_mtok * scale).to_integral_value(rounding=ROUND_CEILING)),
+        int((price.output_per_mtok * scale).to_integral_value(rounding=ROUND_CEILING)),
+    )
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def estimate(prices: PriceTable, model: RequestedModel, default_output_tokens: int) -> Estimate:
@@ -67,15 +82,15 @@ def estimate(prices: PriceTable, model: RequestedModel, default_output_tokens: i
     if output is None:
         output = default_output_tokens
     choices = max(model.choices, 1)
-    per_output = price.output_per_mtok * _NANOS_PER_TOKEN_PER_USD_PER_MTOK * choices
-    prompt = Decimal(model.body_bytes) * price.input_per_mtok * _NANOS_PER_TOKEN_PER_USD_PER_MTOK
-    total = prompt + per_output * output
-    amount = int(total.to_integral_value(rounding=ROUND_CEILING))
+    input_pico, output_pico = _pico_per_token(price)
+    per_output = output_pico * choices
+    prompt_pico = model.body_bytes * input_pico
+    amount = _ceil_div(prompt_pico + per_output * output, _PICO_PER_NANO)
     return Estimate(
         min(amount, MAX_RESERVATION_NANOS),
         priced=True,
-        prompt_nanos=int(prompt.to_integral_value(rounding=ROUND_CEILING)),
-        output_nanos_per_token=per_output,
+        prompt_nanos=_ceil_div(prompt_pico, _PICO_PER_NANO),
+        output_pico_per_token=per_output,
         choices=choices,
     )
 

@@ -98,25 +98,32 @@ local REAP_MAX = 64
 -- `reserved`). A backlog beyond that stays counted in `reserved` until the next call:
 -- the error is on the side of refusing, never of giving money away. Returns how many.
 local function reap(lv, now)
-  local gone = redis.call('ZRANGEBYSCORE', lv.inf, '-inf', now, 'LIMIT', 0, REAP_MAX)
-  if #gone > 0 then
-    redis.call('ZREMRANGEBYRANK', lv.inf, 0, #gone - 1)
-    for _, id in ipairs(gone) do
-      local amount = reserved_by(id)
-      if amount ~= '0' then redis.call('HINCRBY', lv.rec, 'reserved', '-' .. amount) end
+  -- the earliest expiry says, in one command, whether anything has expired (usually not)
+  local first = redis.call('ZRANGE', lv.inf, 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    if lv.reserved ~= '0' then
+      -- the set expired whole (every member had): nothing is held any more
+      redis.call('HSET', lv.rec, 'reserved', 0)
+      lv.reserved = '0'
     end
-    lv.reserved = redis.call('HGET', lv.rec, 'reserved') or '0'
+    return 0
   end
-  if lv.reserved ~= '0' and redis.call('EXISTS', lv.inf) == 0 then
-    -- the set expired whole (every member had): nothing is held any more
-    redis.call('HSET', lv.rec, 'reserved', 0)
-    lv.reserved = '0'
+  if tonumber(first[2]) > now then return 0 end
+  local gone = redis.call('ZRANGEBYSCORE', lv.inf, '-inf', now, 'LIMIT', 0, REAP_MAX)
+  redis.call('ZREMRANGEBYRANK', lv.inf, 0, #gone - 1)
+  for _, id in ipairs(gone) do
+    local amount = reserved_by(id)
+    if amount ~= '0' then redis.call('HINCRBY', lv.rec, 'reserved', '-' .. amount) end
   end
+  lv.reserved = redis.call('HGET', lv.rec, 'reserved') or '0'
   return #gone
 end
 
-local function load_level(name, rec, inf, now, next_month)
-  local f = redis.call('HMGET', rec, unpack(LEVEL_FIELDS))
+-- A level's state, from LEVEL_FIELDS read by the caller (`f`, with any more fields after
+-- them) or read here; nil for a budget record that does not exist.
+local function load_level(name, rec, inf, now, next_month, f)
+  f = f or redis.call('HMGET', rec, unpack(LEVEL_FIELDS))
+  if f[1] == false then return nil end
   local lv = {name = name, rec = rec, inf = inf, budget = f[1] or '0', spent = f[2] or '0',
     reserved = f[3] or '0', rpm = tonumber(f[6]) or 0, tpm = tonumber(f[7]) or 0,
     start = tonumber(f[8]) or 0, requests = tonumber(f[9]) or 0,

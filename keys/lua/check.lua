@@ -44,20 +44,27 @@ local opens = ARGV[15] ~= '0'
 
 local state = key_state(KEYS[1], ARGV[1], now)
 if state ~= 0 then return {state} end
-local f = redis.call('HMGET', KEYS[1], 'models', 'user_id', 'team_id', 'enforce')
+-- the rest of the record in one read: the level fields, then the key's own, then the
+-- per-model limits that could apply (the exact name, and the price-table entry)
+local n = #LEVEL_FIELDS
+local kf = {unpack(LEVEL_FIELDS)}
+for _, name in ipairs({'models', 'user_id', 'team_id', 'enforce', 'ml:' .. model,
+  'ml:' .. ARGV[16]}) do kf[#kf + 1] = name end
+local kv = redis.call('HMGET', KEYS[1], unpack(kf))
+local f = {kv[n + 1], kv[n + 2], kv[n + 3], kv[n + 4]}
 local user_id, team_id = f[2] or '', f[3] or ''
 if ARGV[11] == 'inline' and (ARGV[12] ~= user_id or ARGV[13] ~= team_id) then
   return {10, user_id, team_id}
 end
 
-local levels = {load_level('key', KEYS[1], KEYS[2], now, next_month)}
+local levels = {load_level('key', KEYS[1], KEYS[2], now, next_month, kv)}
 local key_id = string.match(KEYS[1], '^vk:{(.*)}$')
 if ARGV[11] == 'inline' then
   local k = 4
   for _, scope in ipairs({{'user', user_id}, {'team', team_id}}) do
     if scope[2] ~= '' then
-      if redis.call('EXISTS', KEYS[k]) == 1 then
-        local lv = load_level(scope[1], KEYS[k], KEYS[k + 1], now, next_month)
+      local lv = load_level(scope[1], KEYS[k], KEYS[k + 1], now, next_month)
+      if lv then  -- a budget set for this user or team
         lv.prefix = key_id .. ':'  -- its members name the key: no other key's report closes them
         levels[#levels + 1] = lv
       end
@@ -95,10 +102,9 @@ end
 -- (ARGV[16]: `gpt-4o` limits `gpt-4o-2024-08-06` too); the exact name wins
 local per_model, lm = nil, nil
 if model_kind == '1' then
-  local found = redis.call('HMGET', KEYS[1], 'ml:' .. model, 'ml:' .. ARGV[16])
-  local ml = found[1] or found[2]
+  local ml = kv[n + 5] or kv[n + 6]
   if ml then
-    lm = found[1] and model or ARGV[16]
+    lm = kv[n + 5] and model or ARGV[16]
     local rpm, tpm = string.match(ml, '^(%d+) (%d+)$')
     local w = redis.call('HMGET', KEYS[3], 's:' .. lm, 'r:' .. lm, 't:' .. lm)
     per_model = {name = 'model', rpm = tonumber(rpm), tpm = tonumber(tpm),

@@ -14,8 +14,8 @@
 --   (0 for a budget that does not exist, or a denial)
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, '', 0, 0, 0} end
 local lv = load_level('level', KEYS[1], KEYS[2], now, tonumber(ARGV[3]))
+if not lv then return {0, '', 0, 0, 0} end  -- no budget here
 local amount = ARGV[5]
 local opens = ARGV[9] ~= '0'
 

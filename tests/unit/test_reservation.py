@@ -90,10 +90,11 @@ def test_an_unreadable_body_is_unpriced_without_a_default_entry() -> None:
     assert not estimate(PRICES, model, 4096).priced
 
 
-def test_an_unreadable_body_is_priced_at_the_tables_highest_prices() -> None:
+def test_an_unreadable_body_is_priced_at_the_tables_highest_prices_and_most_choices() -> None:
+    """It could name any model, and hide an `n` where it cannot be read."""
     model = requested_model(b"x" * 100, JSON)
     got = estimate(WITH_DEFAULT, model, 4096)
-    assert got.priced and got.amount_nanos == 100 * 3 + 4096 * 40
+    assert got.priced and got.amount_nanos == 100 * 3 + 4096 * 40 * 128
 
 
 def test_a_unicode_digit_is_no_number() -> None:
