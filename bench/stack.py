@@ -7,6 +7,7 @@ import os
 import secrets
 import sys
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,8 +74,11 @@ class Stack:
         self.redises.append(server)
         return server.start()
 
-    def ours(self, redis_url: str, name: str, workers: int = 1) -> Ours:
-        """`workers` server processes on one gRPC port (SO_REUSEPORT, EXTAUTHZ_REUSE_PORT)."""
+    def ours(
+        self, redis_url: str, name: str, workers: int = 1, env: Mapping[str, str] | None = None
+    ) -> Ours:
+        """`workers` server processes on one gRPC port (SO_REUSEPORT, EXTAUTHZ_REUSE_PORT);
+        `env` adds to their environment (e.g. PYTHONPATH for bench/baseline.py's tree)."""
         grpc_port = p.free_port()
         http_ports: list[int] = []
         started: list[p.Process] = []
@@ -90,6 +94,7 @@ class Stack:
                     "EXTAUTHZ_DRAIN_SECONDS": "0",
                     # the processes share the gRPC port on purpose (as --workers does)
                     "EXTAUTHZ_REUSE_PORT": "true" if workers > 1 else "false",
+                    **(env or {}),
                 },
             )
             self.processes.append(server.process)
