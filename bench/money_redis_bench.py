@@ -62,6 +62,7 @@ USER, TEAM, CLUSTER_TEAM = "bench-user", "bench-team", "bench-team-shard"
 MODEL = "gpt-4o-mini"
 
 Command = Callable[[int, int], bytes]  # (call number, now ms) -> one EVALSHA, encoded
+Verify = Callable[[Any], None]  # raises unless the reply is the expected allow
 
 
 def reservation_nanos() -> int:
@@ -203,9 +204,6 @@ class Bench:
         self.client.close()
 
 
-Verify = Callable[[Any], None]
-
-
 def _digest(key_id: str) -> str:
     """A fixed 64-hex digest per id: the records are written here, not by CreateKey, so
     any digest will do as long as the calls present the same one."""
@@ -313,12 +311,13 @@ def measure_scripts(stack: Stack) -> list[Row]:
         samples: dict[str, list[Sample]] = {name: [] for name in variants}
         calls = 0
         names = list(variants)
-        for name in names:  # warm-up: scripts compiled, sets created
-            bench.sample(*_unpack(variants[name], calls, 200))
+        for command, verify in variants.values():  # warm-up: sets created
+            bench.sample(command, calls, 200, verify)
             calls += 200
         for round_ in range(ROUNDS):
             for name in names if round_ % 2 == 0 else reversed(names):
-                samples[name].append(bench.sample(*_unpack(variants[name], calls, CALLS)))
+                command, verify = variants[name]
+                samples[name].append(bench.sample(command, calls, CALLS, verify))
                 calls += CALLS
         inflight = {
             "team (inline)": int(bench.client.zcard(keyspace.level_inflight_key("team", TEAM))),
@@ -363,11 +362,6 @@ def measure_scripts(stack: Stack) -> list[Row]:
     return rows
 
 
-def _unpack(variant: tuple[Command, Verify], first: int, calls: int) -> tuple[Any, ...]:
-    command, verify = variant
-    return command, first, calls, verify
-
-
 def measure_inflight(stack: Stack) -> list[Row]:
     bench = Bench(stack, "redis-inflight")
     try:
@@ -388,7 +382,13 @@ def measure_inflight(stack: Stack) -> list[Row]:
         later = int(last) + 1
         calls = math.ceil(members / REAP_MAX)
         reaper = _at(command, later)
-        reap = bench.sample(reaper, OPEN + 1, calls, _allowed)
+        reaped: list[int] = []
+
+        def counted(reply: Any) -> None:
+            _allowed(reply)
+            reaped.append(int(reply[9]))  # the reservations this call found expired
+
+        reap = bench.sample(reaper, OPEN + 1, calls, counted)
         # the reaping Checks are allowed too: each opens its own (live) record
         expired_left = int(bench.client.zcount(inflight, "-inf", later))
         live = int(bench.client.zcard(inflight))
@@ -396,10 +396,10 @@ def measure_inflight(stack: Stack) -> list[Row]:
         after_reap = bench.used_memory()
     finally:
         bench.close()
-    if expired_left or live != calls or reserved != live * AMOUNT:
+    if expired_left or sum(reaped) != members or live != calls or reserved != live * AMOUNT:
         raise RuntimeError(
-            f"after {calls} reaping Checks: {expired_left} expired records left, {live} open, "
-            f"reserved {reserved} (expected {live * AMOUNT})"
+            f"after {calls} reaping Checks: {sum(reaped)} of {members} reaped, {expired_left} "
+            f"expired left, {live} open, reserved {reserved} (expected {live * AMOUNT})"
         )
     per_record = grown / OPEN
     steady = STEADY_RATE * STEADY_TTL_S
