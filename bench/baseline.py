@@ -61,6 +61,14 @@ def build_tree(directory: Path) -> Path:
     return directory
 
 
+def tree_in(root: Path) -> Path:
+    """`root`/baseline, built once per run (rows 9 and 10 both run it)."""
+    directory = root / "baseline"
+    if not (directory / "extauthz" / "__init__.py").exists():
+        build_tree(directory)
+    return directory
+
+
 def python_path(tree: Path) -> dict[str, str]:
     """The environment entry that puts the tree first on the server's import path."""
     rest = os.environ.get("PYTHONPATH", "")

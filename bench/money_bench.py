@@ -66,7 +66,7 @@ def _cpu(s: compare.Series) -> str:
 
 
 def measure(stack: Stack) -> list[Row]:
-    tree = baseline.build_tree(stack.root / "baseline")
+    tree = baseline.tree_in(stack.root)
     imports = baseline.verify_imports(tree)
     old_redis = stack.redis("redis-baseline")
     old = stack.ours(old_redis.url, "ours-baseline", env=baseline.python_path(tree))

@@ -1,82 +1,203 @@
-"""Rows 10 and 11: the money path's Redis side, measured on fresh redis-servers with the
-scripts called directly (no server of ours), many EVALSHA calls in flight on one
-connection, so Redis's one thread is what limits the rate.
+"""Rows 10 and 11: the money path's Redis side, on fresh redis-servers, with the scripts
+called directly and many EVALSHA calls in flight on one connection, so that Redis's one
+thread is what limits the rate.
+
+What is called is what the servers send. A server of ours (and, for the baseline, the
+server at BASELINE_COMMIT) makes its keys and budgets through its own gRPC API and
+answers one real Check while Redis's MONITOR watches; the EVALSHA it sent is then replayed
+many times, each call with a fresh request token in place of the captured one. So the
+rows follow the scripts' arguments, the records' fields and the reservation amount
+wherever the product takes them. level_admit.lua is what a server sends on Redis Cluster:
+it is captured from a server whose Redis is a one-node cluster (Stack.cluster_node).
 
 Row 10: how many Checks one Redis thread runs per second, from Redis's own CPU time per
-call (`/proc/<pid>/stat`, every thread, so request parsing and reply writing count too),
-for
+call (`/proc/<pid>/stat`, every thread, so reading commands and writing replies count
+too), for
 - baseline: check.lua at BASELINE_COMMIT (bench/baseline.py), before the money path;
-- key: today's check.lua for a key alone (a $1M budget, its user without a budget, as
-  the server sends it on one Redis);
-- parallel: that key with max_parallel 1,000,000,000 (ZCOUNT runs);
-- team: the parallel key, with its team's budget inline (the same call also reserves at
+- key: today's check.lua for a key alone ($1M budget; its user has no budget);
+- parallel: a key with max_parallel 1,000,000,000 (ZCOUNT runs);
+- team: that key with a team whose budget is inline (one Redis: the same call reserves at
   the team, checks its concurrency and counts the request there);
 - level: level_admit.lua alone, what a team's shard runs per Check on Redis Cluster.
-Each sample is CALLS calls; the variants alternate for ROUNDS rounds (ABBA). Every call
-is an allow (checked), with a fresh request id, so in-flight sets grow through the run
-as they do when nobody reports.
+Each sample is CALLS calls; the variants alternate for ROUNDS rounds (ABBA). Every reply
+must be an allow, and every call opens its own in-flight record, so the sets grow
+through the run as they do when nobody reports.
 
 Row 11: OPEN reservations through check.lua (key only, no reports): Redis's used_memory
 growth per open record; then the clock passed to the script moves past the TTL and
 Checks run until every expired record has been reaped (up to 64 per call): how many
-calls that takes and what each costs in Redis next to an ordinary Check.
+calls that takes, and what each costs in Redis next to an ordinary Check.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import secrets
 import socket
-import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import hiredis
 import redis as redis_sync
 
-from bench import baseline
-from bench.payloads import CHAT_BODY
-from bench.stack import Stack, cpu_seconds
+from bench import baseline, payloads
+from bench.stack import ADMIN_TOKEN, Ours, Stack, cpu_seconds
 from bench.table import Row, ratio
-from extauthz.request import requested_model
-from keys import keygen, keyspace, scripts
-from keys.budget import NO_PERIOD, first_reset_ms, next_month_start_ms
-from keys.model import WINDOW_MS, KeySpec
-from keys.money import usd_to_nanos
-from keys.pricing import PriceTable
-from keys.reservation import estimate
-from keys.resp import Arg, Endpoint, encode
-from keys.scripts import Script
+from keys import keyspace, scripts
+from keys.resp import Endpoint, encode
 
 CALLS = 10_000
 ROUNDS = 4
 BATCH = 500  # calls per write; one batch is always in flight while the last is read
 OPEN = 200_000
-TTL_MS = 900_000  # EXTAUTHZ_RESERVATION_TTL_SECONDS' default
 REAP_MAX = 64  # keys/lua/_lib.lua
 STEADY_RATE, STEADY_TTL_S = 1_000, 900  # a key at 1,000 requests/s whose reports never come
-BUDGET = usd_to_nanos(1_000_000)
+BUDGET_USD = 1_000_000.0
 PARALLEL = 1_000_000_000
-USER, TEAM, CLUSTER_TEAM = "bench-user", "bench-team", "bench-team-shard"
-MODEL = "gpt-4o-mini"
+TEAM, SHARD_TEAM = "bench-team", "bench-team-shard"
 
-Command = Callable[[int, int], bytes]  # (call number, now ms) -> one EVALSHA, encoded
 Verify = Callable[[Any], None]  # raises unless the reply is the expected allow
+# the request token KeyStore.check draws (secrets.token_hex(12)), alone or in a member
+_TOKEN = re.compile(rb"(?<![0-9a-f])[0-9a-f]{24}(?![0-9a-f])")
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_ESCAPES = {"n": b"\n", "r": b"\r", "t": b"\t", "a": b"\a", "b": b"\b", "\\": b"\\", '"': b'"'}
 
 
-def reservation_nanos() -> int:
-    """What the server reserves for the bench's chat body (the same code path)."""
-    model = requested_model(CHAT_BODY, {"content-type": "application/json"})
-    return estimate(PriceTable.builtin(), model, 4096).amount_nanos
+# --- what the servers send -------------------------------------------------------------
 
 
-AMOUNT = reservation_nanos()
+@dataclass(frozen=True)
+class Call:
+    """One EVALSHA as a server sent it, to replay with other request tokens."""
+
+    sha: bytes
+    keys: tuple[bytes, ...]
+    args: tuple[bytes, ...]
+    token: bytes  # the captured call's request token (b"": it has none, as before)
+
+    def encoded(self, n: int) -> bytes:
+        """The call with request token number `n` (unique per call, 24 hex characters)."""
+        token = b"%024x" % n
+        args = [arg.replace(self.token, token) for arg in self.args] if self.token else self.args
+        return encode([b"EVALSHA", self.sha, len(self.keys), *self.keys, *args])
+
+    def at(self, now_ms: int) -> Call:
+        """The same call with another clock: ARGV[2] of check.lua is `now`."""
+        args = list(self.args)
+        args[1] = str(now_ms).encode()
+        return replace(self, args=tuple(args))
 
 
-def _token(n: int) -> str:
-    """24 hex characters, as secrets.token_hex(12) in KeyStore.check, unique per call."""
-    return f"{n:024x}"
+def _unrepr(text: str) -> bytes:
+    """An argument as MONITOR prints it (Redis's sdscatrepr), back to its bytes."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        if text[i] != "\\":
+            out += text[i].encode()
+            i += 1
+        elif text[i + 1] == "x":
+            out.append(int(text[i + 2 : i + 4], 16))
+            i += 4
+        else:
+            out += _ESCAPES[text[i + 1]]
+            i += 2
+    return bytes(out)
+
+
+@contextmanager
+def _monitor(url: str) -> Iterator[Callable[[], list[list[bytes]]]]:
+    """MONITOR on `url` while the body runs; the function it yields returns every command
+    seen so far (as argument lists), up to a marker it sends itself."""
+    endpoint = Endpoint.from_url(url.replace("redis+cluster://", "redis://"))
+    sock = socket.create_connection((endpoint.host, endpoint.port), timeout=10)
+    client = redis_sync.Redis(host=endpoint.host, port=endpoint.port)
+    try:
+        sock.sendall(b"MONITOR\r\n")
+        buffer = b""
+        while b"\r\n" not in buffer:
+            buffer += sock.recv(65536)
+        buffer = buffer.split(b"\r\n", 1)[1]  # +OK
+
+        def seen() -> list[list[bytes]]:
+            nonlocal buffer
+            marker = "bench-capture-" + secrets.token_hex(4)
+            client.echo(marker)
+            while marker.encode() not in buffer:
+                buffer += sock.recv(65536)
+            lines = buffer.decode("ascii").split("\r\n")
+            return [[_unrepr(arg) for arg in _QUOTED.findall(line)] for line in lines]
+
+        yield seen
+    finally:
+        client.close()
+        sock.close()
+
+
+def capture(url: str, sha: str, trigger: Callable[[], None], first_key: str | None = None) -> Call:
+    """The last EVALSHA of `sha` (on `first_key`, if given) that `trigger` caused."""
+    with _monitor(url) as seen:
+        trigger()
+        commands = seen()
+    found = [
+        c
+        for c in commands
+        if len(c) > 2
+        and c[0].upper() == b"EVALSHA"
+        and c[1] == sha.encode()
+        and (first_key is None or c[3] == first_key.encode())
+    ]
+    if not found:
+        raise RuntimeError(f"no EVALSHA {sha[:8]} seen")
+    command = found[-1]
+    count = int(command[2])
+    keys, args = tuple(command[3 : 3 + count]), tuple(command[3 + count :])
+    tokens = {t for arg in args for t in _TOKEN.findall(arg)}
+    if len(tokens) > 1:
+        raise RuntimeError(f"EVALSHA {sha[:8]}: {len(tokens)} request tokens in {args!r}")
+    return Call(command[1], keys, args, tokens.pop() if tokens else b"")
+
+
+def _checked(address: str, key: str) -> Callable[[], None]:
+    request = payloads.check_request(key)
+    return lambda: payloads.expect_allowed(address, request)
+
+
+def capture_check(url: str, ours: Ours, key: str, sha: str = scripts.CHECK.sha) -> Call:
+    return capture(url, sha, _checked(ours.address, key))
+
+
+def _key(ours: Ours, **fields: Any) -> str:
+    return _key_and_id(ours, **fields)[0]
+
+
+def _key_and_id(ours: Ours, **fields: Any) -> tuple[str, str]:
+    return payloads.create_key(ours.address, ADMIN_TOKEN, max_budget=BUDGET_USD, **fields)
+
+
+def _team(ours: Ours, team_id: str) -> None:
+    payloads.set_budget(
+        ours.address,
+        ADMIN_TOKEN,
+        "team",
+        team_id,
+        max_budget=BUDGET_USD,
+        max_parallel_requests=PARALLEL,
+    )
+
+
+def _stop(*servers: Ours) -> None:
+    """The servers are done once their calls are captured: Redis then runs only ours."""
+    for server in servers:
+        for process in server.processes:
+            process.stop()
+
+
+# --- replaying them --------------------------------------------------------------------
 
 
 class Pipe:
@@ -118,12 +239,12 @@ class Pipe:
         self.sock.close()
 
 
-def chunks(command: Command, first: int, calls: int, now_ms: int) -> list[tuple[bytes, int]]:
+def chunks(call: Call, first: int, calls: int) -> list[tuple[bytes, int]]:
     """Calls first..first+calls-1, encoded in advance (outside the measured time)."""
     out = []
     for start in range(first, first + calls, BATCH):
         end = min(start + BATCH, first + calls)
-        out.append((b"".join(command(n, now_ms) for n in range(start, end)), end - start))
+        out.append((b"".join(call.encoded(n) for n in range(start, end)), end - start))
     return out
 
 
@@ -139,52 +260,16 @@ class Sample:
         return self.cpu_s / self.calls * 1e6
 
 
-class Bench:
-    """A fresh redis-server, a pipe to it, and a sync client for setup and readings."""
+class Replay:
+    """A pipe to a redis-server, and a client for its readings."""
 
-    def __init__(self, stack: Stack, name: str) -> None:
-        self.server = stack.redis(name)
-        assert self.server.process is not None
-        self.pid = self.server.process.proc.pid
-        self.client = redis_sync.Redis.from_url(self.server.url, decode_responses=True)
-        self.pipe = Pipe(self.server.url)
+    def __init__(self, url: str, pid: int) -> None:
+        self.pid = pid
+        self.client = redis_sync.Redis.from_url(url, decode_responses=True)
+        self.pipe = Pipe(url)
 
-    def load(self, script: Script) -> None:
-        if self.client.script_load(script.text) != script.sha:
-            raise RuntimeError(f"{script.name}: Redis computed another SHA1")
-
-    def key(self, *, team_id: str = "", max_parallel: int = 0, old: bool = False) -> str:
-        """A key record as CreateKey writes it (keyspace.new_record); `old`: without the
-        fields the money path added, as BASELINE_COMMIT wrote it. Returns its id; the
-        digest is _digest(id)."""
-        key_id = keygen.new_key_id()
-        now = int(time.time() * 1000)
-        spec = KeySpec(
-            name="bench",
-            user_id=USER,
-            team_id=team_id,
-            expires_at_ms=now + 30 * 86_400_000,
-            allowed_models=(),
-            max_budget_nanos=BUDGET,
-            tpm_limit=0,
-            rpm_limit=0,
-            max_parallel=max_parallel,
-        )
-        record = keyspace.new_record(spec, _digest(key_id), now)
-        if old:
-            for field in ("reserved", "max_parallel", "enforce"):
-                del record[field]
-        self.client.hset(keyspace.record_key(key_id), items=keyspace.flatten(record))
-        return key_id
-
-    def team_budget(self, team_id: str) -> None:
-        """SetBudget's script: a large budget and a large max_parallel."""
-        now = int(time.time() * 1000)
-        args: list[Arg] = [now, BUDGET, "", 0, first_reset_ms(NO_PERIOD, now), 0, 0, PARALLEL]
-        self.client.eval(scripts.SET_BUDGET.text, 1, keyspace.level_key("team", team_id), *args)
-
-    def sample(self, command: Command, first: int, calls: int, verify: Verify) -> Sample:
-        work = chunks(command, first, calls, int(time.time() * 1000))
+    def sample(self, call: Call, first: int, calls: int, verify: Verify) -> Sample:
+        work = chunks(call, first, calls)
         self.client.config_resetstat()
         cpu = cpu_seconds([self.pid])
         started = time.perf_counter()
@@ -204,82 +289,19 @@ class Bench:
         self.client.close()
 
 
-def _digest(key_id: str) -> str:
-    """A fixed 64-hex digest per id: the records are written here, not by CreateKey, so
-    any digest will do as long as the calls present the same one."""
-    return keygen.digest(f"bench-{key_id}")
-
-
 def _allowed(reply: Any) -> None:
+    """check.lua's code 0 (allowed and counted), today's and the baseline's."""
     if int(reply[0]) != 0:
         raise RuntimeError(f"check.lua did not allow: {reply!r}")
 
 
 def _level_admitted(reply: Any) -> None:
-    if int(reply[0]) != 0 or int(reply[5]) != 1:
+    """level_admit.lua: code 0, and `admitted` (its last field) 1."""
+    if int(reply[0]) != 0 or int(reply[-1]) != 1:
         raise RuntimeError(f"level_admit.lua did not admit: {reply!r}")
 
 
-def old_check(script: Script, key_id: str) -> Command:
-    """check.lua at BASELINE_COMMIT: KEYS the record; ARGV digest, now, kind, model,
-    window, next month."""
-    head = [keyspace.record_key(key_id)]
-    digest = _digest(key_id)
-
-    def command(_: int, now: int) -> bytes:
-        args: list[Arg] = [digest, now, 1, MODEL, WINDOW_MS, next_month_start_ms(now)]
-        return encode(["EVALSHA", script.sha, len(head), *head, *args])
-
-    return command
-
-
-def check(key_id: str, team_id: str = "") -> Command:
-    """Today's check.lua as KeyStore.check sends it on one Redis (levels inline)."""
-    head = [
-        keyspace.record_key(key_id),
-        keyspace.inflight_key(key_id),
-        keyspace.model_windows_key(key_id),
-        keyspace.level_key("user", USER),
-        keyspace.level_inflight_key("user", USER),
-    ]
-    if team_id:
-        head += [keyspace.level_key("team", team_id), keyspace.level_inflight_key("team", team_id)]
-    digest = _digest(key_id)
-
-    def command(n: int, now: int) -> bytes:
-        args: list[Arg] = [
-            digest,
-            now,
-            1,
-            MODEL,
-            WINDOW_MS,
-            next_month_start_ms(now),
-            _token(n),
-            AMOUNT,
-            1,
-            TTL_MS,
-            "inline",
-            USER,
-            team_id,
-            "reserve",
-        ]
-        return encode(["EVALSHA", scripts.CHECK.sha, len(head), *head, *args])
-
-    return command
-
-
-def level_admit(team_id: str) -> Command:
-    """level_admit.lua for a team's budget, as KeyStore._admit_levels sends it."""
-    head = [keyspace.level_key("team", team_id), keyspace.level_inflight_key("team", team_id)]
-
-    def command(n: int, now: int) -> bytes:
-        request_id = keyspace.reservation_id(_token(n), AMOUNT)
-        args: list[Arg] = [now, WINDOW_MS, next_month_start_ms(now), request_id, AMOUNT, TTL_MS]
-        args += [1, "reserve", 1]
-        return encode(["EVALSHA", scripts.LEVEL_ADMIT.sha, len(head), *head, *args])
-
-    return command
-
+# --- row 10 ----------------------------------------------------------------------------
 
 LABELS = {
     "key": "check.lua, key only",
@@ -289,61 +311,86 @@ LABELS = {
 }
 
 
+def _calls(stack: Stack, url: str) -> dict[str, tuple[Call, Verify]]:
+    """Each variant's call, captured from the servers (which are stopped afterwards)."""
+    ours = stack.ours(url, "ours-scripts")
+    tree = baseline.tree_in(stack.root)
+    old = stack.ours(url, "baseline-scripts", env=baseline.python_path(tree))
+    for team in (TEAM, SHARD_TEAM):  # SHARD_TEAM's record: for the replayed level_admit.lua
+        _team(ours, team)
+    old_key = payloads.create_key(old.address, ADMIN_TOKEN, max_budget=BUDGET_USD)[0]
+    calls: dict[str, tuple[Call, Verify]] = {
+        "baseline": (capture_check(url, old, old_key, baseline.check_script().sha), _allowed),
+        "key": (capture_check(url, ours, _key(ours)), _allowed),
+        "parallel": (
+            capture_check(url, ours, _key(ours, max_parallel_requests=PARALLEL)),
+            _allowed,
+        ),
+        "team": (
+            capture_check(url, ours, _key(ours, max_parallel_requests=PARALLEL, team_id=TEAM)),
+            _allowed,
+        ),
+    }
+    cluster_url = stack.cluster_node("redis-cluster-node")
+    shard = stack.ours(cluster_url, "ours-cluster")
+    _team(shard, SHARD_TEAM)
+    key = _key(shard, max_parallel_requests=PARALLEL, team_id=SHARD_TEAM)
+    level = capture(
+        cluster_url,
+        scripts.LEVEL_ADMIT.sha,
+        _checked(shard.address, key),
+        first_key=keyspace.level_key("team", SHARD_TEAM),
+    )
+    calls["level"] = (level, _level_admitted)
+    _stop(ours, old, shard)
+    return calls
+
+
 def _rate(us: float) -> str:
     return f"{1e6 / us:,.0f} ({us:.1f} us)"
 
 
 def measure_scripts(stack: Stack) -> list[Row]:
-    bench = Bench(stack, "redis-scripts")
+    server = stack.redis("redis-scripts")
+    assert server.process is not None
+    calls = _calls(stack, server.url)
+    replay = Replay(server.url, server.process.proc.pid)
     try:
-        old = baseline.check_script()
-        for loaded in (old, scripts.CHECK, scripts.LEVEL_ADMIT):
-            bench.load(loaded)
-        for team in (TEAM, CLUSTER_TEAM):
-            bench.team_budget(team)
-        variants: dict[str, tuple[Command, Verify]] = {
-            "baseline": (old_check(old, bench.key(old=True)), _allowed),
-            "key": (check(bench.key()), _allowed),
-            "parallel": (check(bench.key(max_parallel=PARALLEL)), _allowed),
-            "team": (check(bench.key(max_parallel=PARALLEL, team_id=TEAM), TEAM), _allowed),
-            "level": (level_admit(CLUSTER_TEAM), _level_admitted),
-        }
-        samples: dict[str, list[Sample]] = {name: [] for name in variants}
-        calls = 0
-        names = list(variants)
-        for command, verify in variants.values():  # warm-up: sets created
-            bench.sample(command, calls, 200, verify)
-            calls += 200
+        samples: dict[str, list[Sample]] = {name: [] for name in calls}
+        n = 0
+        names = list(calls)
+        for call, verify in calls.values():  # warm-up
+            replay.sample(call, n, 200, verify)
+            n += 200
         for round_ in range(ROUNDS):
             for name in names if round_ % 2 == 0 else reversed(names):
-                command, verify = variants[name]
-                samples[name].append(bench.sample(command, calls, CALLS, verify))
-                calls += CALLS
+                call, verify = calls[name]
+                samples[name].append(replay.sample(call, n, CALLS, verify))
+                n += CALLS
         inflight = {
-            "team (inline)": int(bench.client.zcard(keyspace.level_inflight_key("team", TEAM))),
-            "team (level_admit)": int(
-                bench.client.zcard(keyspace.level_inflight_key("team", CLUSTER_TEAM))
-            ),
+            name: int(replay.client.zcard(keyspace.level_inflight_key("team", team)))
+            for name, team in (("team (inline)", TEAM), ("team (level_admit)", SHARD_TEAM))
         }
     finally:
-        bench.close()
-    # CPU time summed over the rounds (a tick is 10 ms; one sample is ~60 ticks)
+        replay.close()
+    # CPU time summed over the rounds (a tick is 10 ms; one sample is ~50 ticks)
     cpu = {
         name: sum(s.cpu_s for s in runs) / sum(s.calls for s in runs) * 1e6
         for name, runs in samples.items()
     }
-    script = {name: statistics.median(s.script_us for s in runs) for name, runs in samples.items()}
-    wall = {
-        name: sum(s.calls for s in runs) / sum(s.wall_s for s in runs)
-        for name, runs in samples.items()
-    }
     data = {
         "redis_cpu_us_per_call": {k: round(v, 2) for k, v in cpu.items()},
-        "script_us_per_call": {k: round(v, 2) for k, v in script.items()},
-        "wall_calls_per_s": {k: round(v) for k, v in wall.items()},
+        "script_us_per_call": {
+            name: round(sum(s.script_us for s in runs) / len(runs), 2)
+            for name, runs in samples.items()
+        },
+        "wall_calls_per_s": {
+            name: round(sum(s.calls for s in runs) / sum(s.wall_s for s in runs))
+            for name, runs in samples.items()
+        },
         "calls_per_sample": CALLS,
         "rounds": ROUNDS,
-        "reservation_nanos": AMOUNT,
+        "arguments": {name: len(call.args) for name, (call, _) in calls.items()},
         "open_inflight_after": inflight,
     }
     rows = []
@@ -362,44 +409,55 @@ def measure_scripts(stack: Stack) -> list[Row]:
     return rows
 
 
+# --- row 11 ----------------------------------------------------------------------------
+
+
 def measure_inflight(stack: Stack) -> list[Row]:
-    bench = Bench(stack, "redis-inflight")
+    server = stack.redis("redis-inflight")
+    assert server.process is not None
+    ours = stack.ours(server.url, "ours-inflight")
+    key, key_id = _key_and_id(ours)
+    call = capture_check(server.url, ours, key)  # that Check opened the set's first record
+    _stop(ours)
+    inflight, record = keyspace.inflight_key(key_id), keyspace.record_key(key_id)
+    replay = Replay(server.url, server.process.proc.pid)
+    amounts: set[int] = set()
+
+    def opened(reply: Any) -> None:
+        _allowed(reply)
+        amounts.add(keyspace.reservation_amount(bytes(reply[8]).decode()))  # the request id
+
     try:
-        bench.load(scripts.CHECK)
-        key_id = bench.key()
-        command = check(key_id)
-        record, inflight = keyspace.record_key(key_id), keyspace.inflight_key(key_id)
-        bench.sample(command, 0, 1, _allowed)  # the set exists, the script is compiled
-        before = bench.used_memory()
-        fill = bench.sample(command, 1, OPEN, _allowed)
-        grown = bench.used_memory() - before
-        members = int(bench.client.zcard(inflight))
-        set_bytes = int(bench.client.memory_usage(inflight, samples=0) or 0)
-        if members != OPEN + 1:
-            raise RuntimeError(f"{members} open records, expected {OPEN + 1}")
+        before = replay.used_memory()
+        fill = replay.sample(call, 1, OPEN, opened)
+        grown = replay.used_memory() - before
+        members = int(replay.client.zcard(inflight))
+        set_bytes = int(replay.client.memory_usage(inflight, samples=0) or 0)
+        if members != OPEN + 1 or len(amounts) != 1:
+            raise RuntimeError(f"{members} open records of {len(amounts)} amounts")
+        [amount] = amounts
         # the clock moves past every record's expiry: the next Checks reap them
-        last = float(bench.client.zrange(inflight, -1, -1, withscores=True)[0][1])
+        last = float(replay.client.zrange(inflight, -1, -1, withscores=True)[0][1])
         later = int(last) + 1
         calls = math.ceil(members / REAP_MAX)
-        reaper = _at(command, later)
         reaped: list[int] = []
 
         def counted(reply: Any) -> None:
             _allowed(reply)
             reaped.append(int(reply[9]))  # the reservations this call found expired
 
-        reap = bench.sample(reaper, OPEN + 1, calls, counted)
+        reap = replay.sample(call.at(later), OPEN + 1, calls, counted)
         # the reaping Checks are allowed too: each opens its own (live) record
-        expired_left = int(bench.client.zcount(inflight, "-inf", later))
-        live = int(bench.client.zcard(inflight))
-        reserved = int(bench.client.hget(record, "reserved") or 0)
-        after_reap = bench.used_memory()
+        expired_left = int(replay.client.zcount(inflight, "-inf", later))
+        live = int(replay.client.zcard(inflight))
+        reserved = int(replay.client.hget(record, "reserved") or 0)
+        after_reap = replay.used_memory()
     finally:
-        bench.close()
-    if expired_left or sum(reaped) != members or live != calls or reserved != live * AMOUNT:
+        replay.close()
+    if expired_left or sum(reaped) != members or live != calls or reserved != live * amount:
         raise RuntimeError(
             f"after {calls} reaping Checks: {sum(reaped)} of {members} reaped, {expired_left} "
-            f"expired left, {live} open, reserved {reserved} (expected {live * AMOUNT})"
+            f"expired left, {live} open, reserved {reserved} (expected {live * amount})"
         )
     per_record = grown / OPEN
     steady = STEADY_RATE * STEADY_TTL_S
@@ -408,7 +466,7 @@ def measure_inflight(stack: Stack) -> list[Row]:
         "used_memory_growth": grown,
         "bytes_per_record": round(per_record, 1),
         "memory_usage_of_set_per_member": round(set_bytes / members, 1),
-        "reservation_nanos": AMOUNT,
+        "reservation_nanos": amount,
         "fill_redis_cpu_us_per_call": round(fill.cpu_us, 2),
         "fill_script_us_per_call": round(fill.script_us, 2),
         "reap_calls": calls,
@@ -443,8 +501,3 @@ def measure_inflight(stack: Stack) -> list[Row]:
             ratio(reap.cpu_us, fill.cpu_us),
         ),
     ]
-
-
-def _at(command: Command, now_ms: int) -> Command:
-    """The same calls at a fixed clock (the script's `now` is the caller's)."""
-    return lambda n, _: command(n, now_ms)

@@ -6,10 +6,13 @@ import contextlib
 import os
 import secrets
 import sys
+import time
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import redis as redis_sync
 
 from devstack import processes as p
 
@@ -73,6 +76,34 @@ class Stack:
         server = p.RedisServer(self.root / name)
         self.redises.append(server)
         return server.start()
+
+    def cluster_node(self, name: str, timeout: float = 10) -> str:
+        """A Redis Cluster of one node that owns every slot; its `redis+cluster://` URL.
+        The server treats it as any cluster (each budget level in a script of its own),
+        which is what bench/money_redis_bench.py watches it do."""
+        directory = self.root / name
+        directory.mkdir(parents=True, exist_ok=True)
+        port, bus = p.free_port(), p.free_port()
+        args = [
+            p.executable("redis-server"),
+            *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)),
+            *("--save", "", "--appendonly", "no", "--cluster-enabled", "yes"),
+            *("--cluster-port", str(bus), "--cluster-config-file", "nodes.conf"),
+        ]
+        process = p.spawn(args, directory / "redis.log")
+        self.processes.append(process)
+        p.wait_port(port, process.proc)
+        client = redis_sync.Redis(host="127.0.0.1", port=port, decode_responses=True)
+        try:
+            client.cluster("ADDSLOTSRANGE", 0, 16383)
+            deadline = time.monotonic() + timeout
+            while client.cluster("info").get("cluster_state") != "ok":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the one-node cluster on {port} is not ok")
+                time.sleep(0.05)
+        finally:
+            client.close()
+        return f"redis+cluster://127.0.0.1:{port}"
 
     def ours(
         self, redis_url: str, name: str, workers: int = 1, env: Mapping[str, str] | None = None
