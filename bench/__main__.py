@@ -21,6 +21,8 @@ from bench import (
     envoy_bench,
     keyspace_bench,
     load,
+    money_bench,
+    money_redis_bench,
     noop_server,
     payloads,
     usage_bench,
@@ -104,6 +106,15 @@ def run(root: Path, started: float, only: set[str]) -> list[Row]:
         if "8" in only:
             _step("8: unknown id vs wrong secret", started)
             rows += attack_bench.measure_timing(redis.url, key)
+        if "9" in only:
+            _step("9: the money path's cost per Check, vs the Check before it", started)
+            rows += money_bench.measure(stack)
+        if "10" in only:
+            _step("10: check.lua and level_admit.lua in Redis, pipelined", started)
+            rows += money_redis_bench.measure_scripts(stack)
+        if "11" in only:
+            _step("11: memory of open in-flight records, and reaping them", started)
+            rows += money_redis_bench.measure_inflight(stack)
         _step("done", started)
         return rows
     finally:
@@ -113,7 +124,9 @@ def run(root: Path, started: float, only: set[str]) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "--only", default="1,2,3,4,5,6,7,8", help="comma-separated rows to run (default: all)"
+        "--only",
+        default=",".join(str(n) for n in range(1, 12)),
+        help="comma-separated rows to run (default: all)",
     )
     only = set(parser.parse_args(argv).only.split(","))
     try:

@@ -82,6 +82,16 @@ def create_key(address: str, admin_token: str, **fields: Any) -> tuple[str, str]
     return reply.key, reply.key_data.id
 
 
+def set_budget(address: str, admin_token: str, scope: str, scope_id: str, **fields: Any) -> None:
+    """BudgetService.SetBudget: a user's or team's budget; `fields` as SetBudgetRequest's."""
+    with grpc.insecure_channel(address) as channel:
+        keys_pb2_grpc.BudgetServiceStub(channel).SetBudget(
+            keys_pb2.SetBudgetRequest(scope=scope, id=scope_id, **fields),
+            metadata=bearer(admin_token),
+            timeout=10,
+        )
+
+
 def get_key(address: str, admin_token: str, key_id: str) -> keys_pb2.KeyData:
     with grpc.insecure_channel(address) as channel:
         data: keys_pb2.KeyData = keys_pb2_grpc.KeyServiceStub(channel).GetKey(

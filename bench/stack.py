@@ -6,9 +6,13 @@ import contextlib
 import os
 import secrets
 import sys
+import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import redis as redis_sync
 
 from devstack import processes as p
 
@@ -73,8 +77,39 @@ class Stack:
         self.redises.append(server)
         return server.start()
 
-    def ours(self, redis_url: str, name: str, workers: int = 1) -> Ours:
-        """`workers` server processes on one gRPC port (SO_REUSEPORT, EXTAUTHZ_REUSE_PORT)."""
+    def cluster_node(self, name: str, timeout: float = 10) -> str:
+        """A Redis Cluster of one node that owns every slot; its `redis+cluster://` URL.
+        The server treats it as any cluster (each budget level in a script of its own),
+        which is what bench/money_redis_bench.py watches it do."""
+        directory = self.root / name
+        directory.mkdir(parents=True, exist_ok=True)
+        port, bus = p.free_port(), p.free_port()
+        args = [
+            p.executable("redis-server"),
+            *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)),
+            *("--save", "", "--appendonly", "no", "--cluster-enabled", "yes"),
+            *("--cluster-port", str(bus), "--cluster-config-file", "nodes.conf"),
+        ]
+        process = p.spawn(args, directory / "redis.log")
+        self.processes.append(process)
+        p.wait_port(port, process.proc)
+        client = redis_sync.Redis(host="127.0.0.1", port=port, decode_responses=True)
+        try:
+            client.cluster("ADDSLOTSRANGE", 0, 16383)
+            deadline = time.monotonic() + timeout
+            while client.cluster("info").get("cluster_state") != "ok":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the one-node cluster on {port} is not ok")
+                time.sleep(0.05)
+        finally:
+            client.close()
+        return f"redis+cluster://127.0.0.1:{port}"
+
+    def ours(
+        self, redis_url: str, name: str, workers: int = 1, env: Mapping[str, str] | None = None
+    ) -> Ours:
+        """`workers` server processes on one gRPC port (SO_REUSEPORT, EXTAUTHZ_REUSE_PORT);
+        `env` adds to their environment (e.g. PYTHONPATH for bench/baseline.py's tree)."""
         grpc_port = p.free_port()
         http_ports: list[int] = []
         started: list[p.Process] = []
@@ -90,6 +125,7 @@ class Stack:
                     "EXTAUTHZ_DRAIN_SECONDS": "0",
                     # the processes share the gRPC port on purpose (as --workers does)
                     "EXTAUTHZ_REUSE_PORT": "true" if workers > 1 else "false",
+                    **(env or {}),
                 },
             )
             self.processes.append(server.process)
