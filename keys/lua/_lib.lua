@@ -111,10 +111,10 @@ local function reap(lv, now)
   if tonumber(first[2]) > now then return 0 end
   local gone = redis.call('ZRANGEBYSCORE', lv.inf, '-inf', now, 'LIMIT', 0, REAP_MAX)
   redis.call('ZREMRANGEBYRANK', lv.inf, 0, #gone - 1)
-  for _, id in ipairs(gone) do
-    local amount = reserved_by(id)
-    if amount ~= '0' then redis.call('HINCRBY', lv.rec, 'reserved', '-' .. amount) end
-  end
+  local freed = {0, 0}
+  for _, id in ipairs(gone) do freed = m_add(freed, m_parse(reserved_by(id))) end
+  local total = m_sub_floor(freed, {0, 0})  -- the exact sum, as a decimal string
+  if total ~= '0' then redis.call('HINCRBY', lv.rec, 'reserved', '-' .. total) end
   lv.reserved = redis.call('HGET', lv.rec, 'reserved') or '0'
   return #gone
 end

@@ -274,3 +274,20 @@ async def test_a_per_model_limit_also_limits_the_models_snapshots(store: KeyStor
     assert (await store.check(key, RequestedModel.named("gpt-4o"), family="gpt-4o")).allowed
     denied = await store.check(key, snapshot, family="gpt-4o")
     assert (denied.reason, denied.level) == (Reason.RATE_LIMIT_EXCEEDED, Level.MODEL)
+
+
+async def test_many_expired_reservations_are_reaped_exactly_a_batch_at_a_time(
+    store: KeyStore, clock: ManualClock
+) -> None:
+    """Up to 64 per call: a backlog is reaped over the next calls, and `reserved` is
+    exact throughout (amounts summed as integers, past 2^53 nano-USD too)."""
+    big = 3 * 10**15  # $3M each: sums of these lose precision as doubles
+    key = await new_key(store, max_budget_nanos=10**18)
+    for _ in range(100):
+        assert (await store.check(key, GPT4, reserve_nanos=big)).allowed
+    clock.advance(TTL_S)
+    first = await store.check(key, GPT4, reserve_nanos=7)
+    second = await store.check(key, GPT4, reserve_nanos=7)
+    assert (first.expired, second.expired) == (64, 36)
+    raw = await store.redis.client.hget(keyspace.record_key(key.key_id), "reserved")
+    assert int(raw) == 14
