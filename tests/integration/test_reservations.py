@@ -290,4 +290,4 @@ async def test_many_expired_reservations_are_reaped_exactly_a_batch_at_a_time(
     second = await store.check(key, GPT4, reserve_nanos=7)
     assert (first.expired, second.expired) == (64, 36)
     raw = await store.redis.client.hget(keyspace.record_key(key.key_id), "reserved")
-    assert int(raw) == 14
+    assert int(str(raw)) == 14
