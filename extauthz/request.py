@@ -117,32 +117,39 @@ def _body_model(body: bytes, headers: Mapping[str, str], size: int) -> Requested
     """A body we cannot read completely, or one another parser could read differently,
     never names a model: a truncated body could hide a second `"model"` after the cut.
     Nor does it bound its output: an `n` after the cut counts as its maximum."""
-    unreadable = RequestedModel(BodyModel.UNREADABLE, choices=MAX_CHOICES, body_bytes=size)
     if headers.get(PARTIAL_BODY_HEADER, "").lower() == "true":
-        return unreadable
+        return _unreadable(size)
     if not body:
         # A request that has a body Envoy did not forward must not pass as body-less.
         declared = headers.get("content-length", "0").strip()
         if declared not in ("", "0") or "transfer-encoding" in headers:
-            return unreadable
+            return _unreadable(size)
         return NO_BODY
     if headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
         # compressed: its size bounds nothing, and what it says is unknown until inflated
-        return replace(unreadable, encoded=True)
+        return _unreadable(size, encoded=True)
     if not _json_content_type(headers.get("content-type")):
-        return unreadable  # a form parser would read `model=...` from the same bytes
+        return _unreadable(size)  # a form parser would read `model=...` from the same bytes
     try:
         document = _parse_json(body)
     except (ValueError, RecursionError):
-        return unreadable
+        return _unreadable(size)
     if not isinstance(document, dict):
-        return unreadable
+        return _unreadable(size)
     if any(k != "model" and k.casefold() == "model" for k in document):
-        return unreadable  # Go's encoding/json matches "Model" to a `model` field
+        return _unreadable(size)  # Go's encoding/json matches "Model" to a `model` field
     cap, choices = _cost_bounds(document)
     model = document.get("model")
-    named = _named(model) if isinstance(model, str) else UNREADABLE
-    return RequestedModel(named.kind, named.name, cap, choices, size)
+    name = _model_name(model) if isinstance(model, str) else None
+    if name is None:
+        return RequestedModel(BodyModel.UNREADABLE, "", cap, choices, size)
+    return RequestedModel(BodyModel.NAMED, name, cap, choices, size)
+
+
+def _unreadable(size: int, *, encoded: bool = False) -> RequestedModel:
+    """A body that names no model we can trust, nor bounds its cost: an `n` may hide where
+    it cannot be read, so it counts as its maximum."""
+    return RequestedModel(BodyModel.UNREADABLE, "", None, MAX_CHOICES, size, encoded)
 
 
 def _parse_json(body: bytes) -> object:
@@ -181,14 +188,20 @@ def _with_preferred(model: RequestedModel, headers: Mapping[str, str]) -> Reques
     return replace(model, kind=BodyModel.UNREADABLE, name="")
 
 
-def _named(model: str) -> RequestedModel:
+def _model_name(model: str) -> str | None:
+    """The model name, or None where it cannot name one."""
     if not model or len(model) > MAX_MODEL_CHARS or "\n" in model:
-        return UNREADABLE  # the stored allow-list is newline-framed
+        return None  # the stored allow-list is newline-framed
     try:
         model.encode()
     except UnicodeEncodeError:  # a lone surrogate (JSON allows "\ud800") is no model name
-        return UNREADABLE
-    return RequestedModel.named(model)
+        return None
+    return model
+
+
+def _named(model: str) -> RequestedModel:
+    name = _model_name(model)
+    return UNREADABLE if name is None else RequestedModel.named(name)
 
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any
 
 from keys import keygen, keyspace, scripts
@@ -74,6 +75,12 @@ _ID_ATTEMPTS = 5
 _LEVELS_CACHED = 200_000
 _EXPIRED_SHOWN = 1000  # expired reservations read per key by GetKey (the scripts reap)
 BUDGET_MODES = ("reserve", "after")
+
+
+@lru_cache(maxsize=16)
+def _levels(names: tuple[str, ...]) -> tuple[Level, ...]:
+    """("key", "team") -> (Level.KEY, Level.TEAM); the few combinations, looked up once."""
+    return tuple(Level(name) for name in names)
 
 
 def _shortfall_fields(short: Shortfall) -> dict[str, Any]:
@@ -359,7 +366,7 @@ class KeyStore:
             request_id=reply.request_id if allowed else "",
             would_deny=_REASONS[short.code] if allowed and short is not None else None,
             expired=reply.expired,
-            levels=tuple(Level(name) for name in reply.levels) if allowed else (),
+            levels=_levels(reply.levels) if allowed else (),
             **fields,
         )
 
