@@ -160,8 +160,8 @@ def denial_parts(
         fields["model"] = (
             json.dumps(model.name)
             if model is not None and model.name
-            else "This request's model (its body is not JSON naming one, or is larger "
-            "than the proxy forwards)"
+            else "This request's model (its body is not JSON sent as application/json "
+            "naming one, or is compressed, or larger than the proxy forwards)"
         )
     elif decision.reason is Reason.MODEL_NOT_ALLOWED:
         fields |= {
