@@ -309,15 +309,7 @@ class KeyStore:
             1 if opens else 0,
         ]
         replies = await asyncio.gather(
-            *(
-                self._run(
-                    scripts.LEVEL_ADMIT,
-                    [keyspace.level_key(s, i), keyspace.level_inflight_key(s, i)],
-                    args,
-                )
-                for s, i in scopes
-            ),
-            return_exceptions=True,
+            *(self._admit_level(s, i, args) for s, i in scopes), return_exceptions=True
         )
         failed = next((r for r in replies if isinstance(r, BaseException)), None)
         levels = [
@@ -351,6 +343,19 @@ class KeyStore:
             raise failed
         assert refused is not None
         return replace(reply, code=refused.code, request_id="", short=refused)
+
+    async def _admit_level(self, scope: str, scope_id: str, args: list[Arg]) -> Any:
+        """level_admit.lua, tried twice: a failover's moved slots or reset connections
+        fail one call now and then, and the script is idempotent for its request, so a
+        second try cannot count it twice."""
+        keys: list[Arg] = [
+            keyspace.level_key(scope, scope_id),
+            keyspace.level_inflight_key(scope, scope_id),
+        ]
+        try:
+            return await self._run(scripts.LEVEL_ADMIT, keys, args)
+        except StoreUnavailable:
+            return await self._run(scripts.LEVEL_ADMIT, keys, args)
 
     def _decision(self, key_id: str, reply: CheckReply) -> Decision:
         short = reply.short

@@ -2,6 +2,7 @@
 -- in its own slot), run after the key's own script allowed the request. Atomic at this
 -- level; keys/store.py releases the levels already admitted when a later one refuses.
 -- A budget above the key binds every key under it: shadow mode does not waive it.
+-- Idempotent for one request (member): keys/store.py retries it once after a failure.
 -- (keys/lua/_lib.lua is prepended)
 -- KEYS[1]  the budget's record, vb:{<scope>:<id>}
 -- KEYS[2]  its open reservations
@@ -16,6 +17,8 @@ local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local lv = load_level('level', KEYS[1], KEYS[2], now, tonumber(ARGV[3]))
 if not lv then return {0, '', 0, 0, 0} end  -- no budget here
+-- already admitted (a retry after a lost answer): the same answer, nothing counted twice
+if redis.call('ZSCORE', KEYS[2], ARGV[4]) then return {0, '', 0, 0, 1} end
 local amount = ARGV[5]
 local opens = ARGV[9] ~= '0'
 

@@ -263,3 +263,24 @@ async def test_a_request_without_a_body_takes_no_team_slot(levels: Levels) -> No
     assert (await levels.store.check(key, NO_BODY)).allowed
     assert (await levels.budgets.get("team", team)).in_flight == 0
     assert (await levels.store.check(key, GPT4)).allowed
+
+
+async def test_admitting_the_same_request_twice_at_a_level_counts_it_once(
+    levels: Levels,
+) -> None:
+    """level_admit.lua is retried once after a failure (Cluster): the retry of a call
+    whose answer was lost must not reserve or count again."""
+    from keys import scripts
+
+    team = unique("team")
+    await budget(levels, "team", team, max_budget_nanos=10_000, rpm_limit=5)
+    keys = [keyspace.level_key("team", team), keyspace.level_inflight_key("team", team)]
+    now = levels.clock()
+    args = [now, 60_000, now + 10**9, "k:r-700", 700, TTL_S * 1000, 1, "reserve", 1]
+    for _ in range(2):
+        reply = await levels.store.redis.scripts.run(scripts.LEVEL_ADMIT, keys, args)
+        assert scripts.decode_level_admit(reply, "team").admitted
+    got = await levels.budgets.get("team", team)
+    assert (got.reserved_nanos, got.in_flight) == (700, 1)
+    raw = await levels.store.redis.client.hget(keys[0], "win_requests")
+    assert int(str(raw)) == 1
