@@ -276,7 +276,17 @@ async def test_admitting_the_same_request_twice_at_a_level_counts_it_once(
     await budget(levels, "team", team, max_budget_nanos=10_000, rpm_limit=5)
     keys = [keyspace.level_key("team", team), keyspace.level_inflight_key("team", team)]
     now = levels.clock()
-    args = [now, 60_000, now + 10**9, "k:r-700", 700, TTL_S * 1000, 1, "reserve", 1]
+    args: list[str | int] = [
+        now,
+        60_000,
+        now + 10**9,
+        "k:r-700",
+        700,
+        TTL_S * 1000,
+        1,
+        "reserve",
+        1,
+    ]
     for _ in range(2):
         reply = await levels.store.redis.scripts.run(scripts.LEVEL_ADMIT, keys, args)
         assert scripts.decode_level_admit(reply, "team").admitted
