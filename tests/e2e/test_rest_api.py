@@ -424,3 +424,40 @@ def test_two_x_user_id_headers_are_refused(envoy: Envoy, server: Server) -> None
 def test_a_page_token_that_is_not_utf8_is_400_not_500(envoy: Envoy, server: Server) -> None:
     reply = api(envoy, "GET", "/api/keys?page_token=%00%ff", server.admin_token)
     assert reply.status == 400 and "UTF-8" in reply.json()["message"]
+
+
+def test_patch_sets_the_money_path_fields_in_the_shapes_getkey_returns(
+    envoy: Envoy, server: Server
+) -> None:
+    data = create(envoy, server)["key_data"]
+    change = {
+        "max_parallel_requests": 2,
+        "model_limits": {"gpt-4o": {"rpm_limit": 3, "tpm_limit": 0}},
+        "enforce": False,
+    }
+    reply = patch(envoy, server, data["id"], change)
+    assert reply.status == 200, reply.body
+    got = reply.json()
+    assert got["max_parallel_requests"] == 2 and got["enforce"] is False
+    assert got["model_limits"] == {"gpt-4o": {"rpm_limit": 3, "tpm_limit": 0}}
+    assert {"reserved", "in_flight"} <= got.keys()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model_limits": {"gpt-4o": {"rpm": 3}}},
+        {"model_limits": {"*": {"rpm_limit": 3}}},
+        {"model_limits": ["gpt-4o"]},
+        {"enforce": "no"},
+        {"max_parallel_requests": -1},
+    ],
+)
+def test_a_bad_money_path_field_is_400_and_changes_nothing(
+    envoy: Envoy, server: Server, change: dict[str, Any]
+) -> None:
+    data = create(envoy, server)["key_data"]
+    reply = patch(envoy, server, data["id"], change)
+    assert reply.status == 400, reply.body
+    after = api(envoy, "GET", f"/api/keys/{data['id']}", server.admin_token).json()
+    assert after.get("model_limits", {}) == {} and after["enforce"] is True
