@@ -83,6 +83,9 @@ def _count(value: object) -> int | None:
     return None
 
 
+_COST_FIELDS = frozenset((*OUTPUT_CAP_FIELDS, "n", "best_of", "prompt"))
+
+
 def _cost_bounds(document: dict[str, object]) -> tuple[int | None, int]:
     """(the output tokens one completion may have, None where the body does not bound
     them; how many completions the request asks for). Read as leniently as any upstream
@@ -90,6 +93,10 @@ def _cost_bounds(document: dict[str, object]) -> tuple[int | None, int]:
     cap bounds nothing (the model's own cap applies), an unreadable `n` is MAX_CHOICES.
     Completions: the larger of `n` and `best_of`, times the prompts of a /v1/completions
     prompt list."""
+    if any(k not in _COST_FIELDS and k.casefold() in _COST_FIELDS for k in document):
+        # Go's encoding/json reads `MAX_TOKENS` as max_tokens (and `N` as n): read two ways,
+        # the body bounds nothing
+        return None, MAX_CHOICES
     caps: list[int] = []
     for name in OUTPUT_CAP_FIELDS:
         if name in document:

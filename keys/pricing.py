@@ -193,10 +193,13 @@ class PriceTable:
         return Price(max(p.input_per_mtok for p in prices), max(p.output_per_mtok for p in prices))
 
     def family(self, model: str) -> str:
-        """The entry a per-model limit on a key may name for `model`: its own entry, an
-        alias's or a snapshot's (`gpt-4o-2024-08-06` -> `gpt-4o`); "" for one that only
+        """The entry a per-model limit on a key may name for `model`: a dated snapshot's
+        base model's (`gpt-4o-2024-05-13` -> `gpt-4o`, even where the snapshot has a
+        price of its own), else its own entry or an alias's; "" for one that only
         `default` prices, or nothing."""
-        entry = self.entry(model)
+        snapshot = _SNAPSHOT.fullmatch(model)
+        base = self._names.get(snapshot["base"]) if snapshot else None
+        entry = base or self.entry(model)
         return "" if entry is None or entry == DEFAULT_ENTRY else entry
 
     def label(self, model: str) -> str:

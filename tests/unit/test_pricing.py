@@ -129,3 +129,12 @@ def test_unpriced_model_is_named_bounded_and_escaped() -> None:
     message = str(err.value)
     assert "'x\\nyyy" in message and "\n" not in message
     assert len(message) < 200
+
+
+def test_a_snapshot_with_a_price_of_its_own_is_still_its_base_models_family() -> None:
+    """A per-model limit on gpt-4o covers gpt-4o-2024-05-13, priced apart."""
+    prices = PriceTable.builtin()
+    assert prices.entry("gpt-4o-2024-05-13") == "gpt-4o-2024-05-13"
+    assert prices.family("gpt-4o-2024-05-13") == "gpt-4o"
+    assert prices.family("gpt-4-turbo-preview") == "gpt-4-turbo"
+    assert prices.family("o1-pro") == "o1-pro"

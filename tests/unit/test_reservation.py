@@ -100,3 +100,9 @@ def test_an_unreadable_body_is_priced_at_the_tables_highest_prices_and_most_choi
 def test_a_unicode_digit_is_no_number() -> None:
     """'²'.isdigit() is true in Python, and int('²') raises."""
     assert output_part({"model": "m", "max_tokens": "²"}) == 10_000
+
+
+@pytest.mark.parametrize("field", ["MAX_TOKENS", "N", "Best_Of", "Prompt"])
+def test_a_cost_field_in_another_case_bounds_nothing(field: str) -> None:
+    """A Go upstream reads `MAX_TOKENS` as max_tokens: read two ways, nothing is bounded."""
+    assert output_part({"model": "m", "max_tokens": 10, field: 16000}) == 10_000 * 128
