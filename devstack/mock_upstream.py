@@ -5,7 +5,9 @@ client-chosen one such as `x-request-id`). Real load balancers must do the same.
 
 Completion tokens are the request's `max_tokens` (default 10); prompt tokens are about
 one per four characters of message content. A POST with `x-mock-delay-seconds: N` is
-answered (and reported) N seconds later, so requests can be held in flight. Every request
+answered (and reported) N seconds later, so requests can be held in flight. A request with
+`"stream": true` gets an SSE stream (chunked, a word per event), with the usage chunk when
+it asked for `stream_options.include_usage`, gzip-encoded when it accepts gzip. Every request
 it saw is kept in `seen`, and, with `log_path` (`make run`: .run/upstream.log), written
 there as one JSON line: what the upstream received of the identity headers, and whether
 any key header reached it.
@@ -18,6 +20,7 @@ import logging
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,6 +43,47 @@ LOGGED_HEADERS = (
 # flight (max_parallel_requests) with curl.
 DELAY_HEADER = "x-mock-delay-seconds"
 MAX_DELAY_S = 60.0
+
+
+REPLY = "Hello from the mock."
+
+
+def stream_events(model: str, prompt: int, completion: int, with_usage: bool) -> list[bytes]:
+    """The SSE events of a streamed chat completion, each `data: <json>` and a blank line."""
+    chat_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+    base = {"id": chat_id, "object": "chat.completion.chunk", "created": int(time.time())}
+    words = REPLY.split(" ")
+    chunks: list[dict[str, Any]] = [
+        {
+            **base,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"content": word if i == 0 else " " + word},
+                    "finish_reason": None,
+                }
+            ],
+        }
+        for i, word in enumerate(words)
+    ]
+    chunks.append(
+        {**base, "model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    )
+    if with_usage:
+        chunks.append(
+            {
+                **base,
+                "model": model,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
+            }
+        )
+    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
 
 
 def _delay(value: str | None) -> float:
@@ -122,6 +166,33 @@ class MockUpstream:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _stream(
+                self, model: str, prompt: int, completion: int, with_usage: bool, gzipped: bool
+            ) -> None:
+                """An OpenAI-style SSE stream, chunked: the reply a word at a time, then the
+                usage chunk when the request asked for it, then [DONE]."""
+                events = stream_events(model, prompt, completion, with_usage)
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("cache-control", "no-cache")
+                self.send_header("transfer-encoding", "chunked")
+                if gzipped:
+                    self.send_header("content-encoding", "gzip")
+                self.end_headers()
+                packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS) if gzipped else None
+                for event in events:
+                    data = (
+                        packer.compress(event) + packer.flush(zlib.Z_SYNC_FLUSH)
+                        if packer
+                        else event
+                    )
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                if packer:
+                    tail = packer.flush()
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(tail), tail))
+                self.wfile.write(b"0\r\n\r\n")
+
             def do_GET(self) -> None:
                 self._record()
                 if self.path.startswith("/v1/models"):
@@ -155,6 +226,12 @@ class MockUpstream:
                     upstream.report(usage, key_id, request_id, model, prompt, completion)
                 elif key_id:
                     upstream.report_errors.append("no x-virtual-key-request-id: not reported")
+                if request.get("stream") is True:
+                    options = request.get("stream_options")
+                    with_usage = isinstance(options, dict) and options.get("include_usage") is True
+                    gzipped = "gzip" in headers.get("accept-encoding", "")
+                    self._stream(model, prompt, completion, with_usage, gzipped)
+                    return
                 self._send(
                     200,
                     {
@@ -166,7 +243,7 @@ class MockUpstream:
                             {
                                 "index": 0,
                                 "finish_reason": "stop",
-                                "message": {"role": "assistant", "content": "Hello from the mock."},
+                                "message": {"role": "assistant", "content": REPLY},
                             }
                         ],
                         "usage": {
