@@ -111,6 +111,8 @@ class MockUpstream:
     report_errors: list[str] = field(default_factory=list)
     reported: list[str] = field(default_factory=list)  # request ids, in report order
     log_path: Path | None = None
+    # False: play an upstream that reports nothing (only its responses carry usage)
+    reports: bool = True
     _server: ThreadingHTTPServer | None = None
     _channel: grpc.Channel | None = None
 
@@ -154,7 +156,7 @@ class MockUpstream:
                 share of the budget and its concurrency slot, until the TTL)."""
                 key_id = headers.get("x-virtual-key-id")
                 request_id = headers.get("x-virtual-key-request-id")
-                if key_id and request_id:
+                if key_id and request_id and upstream.reports:
                     upstream.report(usage, key_id, request_id, "", 0, 0, cost=0.0)
                 self._send(400, {"error": {"message": message}})
 
@@ -222,7 +224,9 @@ class MockUpstream:
                 completion = asked
                 key_id = headers.get("x-virtual-key-id")
                 request_id = headers.get("x-virtual-key-request-id")
-                if key_id and request_id:
+                if not upstream.reports:
+                    pass
+                elif key_id and request_id:
                     upstream.report(usage, key_id, request_id, model, prompt, completion)
                 elif key_id:
                     upstream.report_errors.append("no x-virtual-key-request-id: not reported")

@@ -99,6 +99,12 @@ class Metrics:
             [*key, "level"],
             registry=r,
         )
+        self.tap_unmetered = Counter(
+            "extauthz_tap_unmetered_total",
+            "Responses the usage tap could not charge, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.shadow_denials = Counter(
             "extauthz_shadow_denials_total",
             "Requests a key in shadow mode (enforce: false) let through that would be denied",

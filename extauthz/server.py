@@ -29,6 +29,7 @@ from extauthz.logs import configure
 from extauthz.metrics import Metrics
 from extauthz.replay import replay_forever
 from extauthz.settings import Settings, SettingsError, help_table
+from extauthz.tap import UsageTap
 from extauthz.usage import UsageService
 from extauthz.workers import run_workers
 from keys.budgets import BudgetStore
@@ -89,6 +90,7 @@ async def serve(settings: Settings) -> None:
     # port take half the traffic; only --workers (EXTAUTHZ_REUSE_PORT) shares a port.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)])
     AuthorizationServicer(decider).add_to_server(server)
+    UsageTap(store, prices, metrics).register(server)  # Envoy calls it only where configured
     add_servicer(
         server, keys_pb2.DESCRIPTOR.services_by_name["KeyService"], KeyService(store, settings)
     )

@@ -45,6 +45,7 @@ class Metered:
     usage: MeteredUsage | None
     content_chars: int  # generated text that passed through (for an estimate)
     unmetered: str = ""  # why `usage` is None: no_usage, unreadable, too_large, encoding
+    model: str = ""  # the model the response says answered ("" when it names none)
 
 
 def _count(value: object) -> int:
@@ -75,6 +76,17 @@ def usage_of(document: object) -> MeteredUsage | None:
         else 0
     )
     return MeteredUsage(prompt, completion, max(total, prompt + completion), cached, reasoning)
+
+
+def model_of(document: object) -> str:
+    """The `model` a response or chunk names (the Responses API: its `response.model`)."""
+    if not isinstance(document, dict):
+        return ""
+    model = document.get("model")
+    if not isinstance(model, str):
+        response = document.get("response")
+        model = response.get("model") if isinstance(response, dict) else None
+    return model if isinstance(model, str) and len(model) <= 256 else ""
 
 
 def content_chars(document: object) -> int:
@@ -129,6 +141,7 @@ class ResponseMeter:
         self._buffer = bytearray()
         self._usage: MeteredUsage | None = None
         self._chars = 0
+        self._model = ""
 
     def feed(self, chunk: bytes) -> None:
         if self._unmetered or not chunk:
@@ -170,13 +183,14 @@ class ResponseMeter:
         except ValueError:
             return  # one unreadable event does not hide the others
         self._chars += content_chars(document)
+        self._model = model_of(document) or self._model
         usage = usage_of(document)
         if usage is not None:
             self._usage = usage
 
     def finish(self) -> Metered:
         if self._unmetered:
-            return Metered(None, self._chars, self._unmetered)
+            return Metered(None, self._chars, self._unmetered, self._model)
         if self.stream:
             tail = bytes(self._buffer).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             if tail.strip():
@@ -187,7 +201,8 @@ class ResponseMeter:
             except ValueError:
                 return Metered(None, 0, "unreadable")
             self._chars = content_chars(document)
+            self._model = model_of(document)
             self._usage = usage_of(document)
         if self._usage is None:
-            return Metered(None, self._chars, "no_usage")
-        return Metered(self._usage, self._chars)
+            return Metered(None, self._chars, "no_usage", self._model)
+        return Metered(self._usage, self._chars, model=self._model)

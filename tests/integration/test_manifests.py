@@ -44,6 +44,7 @@ COUNTERS = {
     "extauthz_reservations_expired_total",
     "extauthz_reserved_usd_total",
     "extauthz_shadow_denials_total",
+    "extauthz_tap_unmetered_total",
 }
 HISTOGRAMS = {"extauthz_check_duration_seconds", "extauthz_redis_latency_seconds"}
 GAUGES = {"extauthz_usage_journal_depth", "extauthz_redis_up"}
