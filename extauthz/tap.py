@@ -115,6 +115,12 @@ class UsageTap:
                     **{phase: ext_proc.TrailersResponse(header_mutation=None)}
                 )
 
+    async def _release(self, exchange: _Exchange) -> None:
+        try:
+            await self.store.release(exchange.key_id, exchange.request_id, self.store.clock())
+        except StoreUnavailable:
+            log.warning("tap could not release", extra={"key_id": exchange.key_id})
+
     async def _settle(self, exchange: _Exchange) -> None:
         """Charge what the response reported, once, under the request's id."""
         if not exchange.key_id or not exchange.request_id or exchange.meter is None:
@@ -124,6 +130,11 @@ class UsageTap:
         usage = metered.usage
         if usage is None:
             self.metrics.tap_unmetered.labels(metered.unmetered or "no_usage").inc()
+            if exchange.status >= 400 and metered.content_chars == 0:
+                # the upstream refused or failed and generated nothing: give the
+                # reservation and its slot back now rather than after the TTL (a 2xx whose
+                # usage cannot be read keeps it: something may have been generated)
+                await self._release(exchange)
             return
         model = metered.model
         try:

@@ -135,3 +135,14 @@ def test_a_stream_without_usage_is_counted_unmetered(
     assert chat(tapped, key, max_tokens=5, stream=True).status == 200
     assert eventually(lambda: unmetered() == before + 1)
     assert charged(clients, data.id) == 0
+
+
+def test_a_response_that_generated_nothing_gives_its_reservation_back(
+    tapped: Envoy, clients: Clients
+) -> None:
+    """An upstream error with no usage and no content: released now, not after the TTL."""
+    key, data = clients.create_key(max_budget=10, max_parallel_requests=1)
+    assert chat(tapped, key, max_tokens=-1).status == 400  # the mock refuses it
+    assert eventually(lambda: clients.get_key(data.id).in_flight == 0)
+    assert (clients.get_key(data.id).reserved, charged(clients, data.id)) == (0, 0)
+    assert chat(tapped, key, max_tokens=3).status == 200  # the slot is free
