@@ -23,6 +23,7 @@ from extauthz.usage_meter import Metered, ResponseMeter
 from keys import keygen
 from keys.errors import InvalidArgument, NotFound, StoreUnavailable
 from keys.model import UsageReport
+from keys.money import nanos_to_usd
 from keys.pricing import PriceTable
 from keys.store import KeyStore
 
@@ -160,5 +161,5 @@ class UsageTap:
                 exchange.key_id,
                 self.prices.label(model),
                 usage.total_tokens,
-                result.cost_nanos / 1e9,
+                nanos_to_usd(result.cost_nanos),
             )

@@ -120,7 +120,6 @@ def to_level_budget(
     reset_at = _int(fields, "budget_reset_at")
     period_ms = _int(fields, "budget_period_ms")
     duration = fields.get("budget_duration", "")
-    reaped = sum(keyspace.reservation_amount(member) for member in expired)
     return LevelBudget(
         scope=scope,
         id=scope_id,
@@ -130,7 +129,7 @@ def to_level_budget(
         tpm_limit=_int(fields, "tpm_limit"),
         max_parallel=_int(fields, "max_parallel"),
         spent_nanos=0 if reset_at and now_ms >= reset_at else _int(fields, "spent"),
-        reserved_nanos=max(_int(fields, "reserved") - reaped, 0),
+        reserved_nanos=keyspace.live_reserved(fields.get("reserved"), list(expired)),
         in_flight=in_flight,
         budget_reset_at_ms=current_reset_ms(reset_at, period_ms, now_ms),
         created_at_ms=_int(fields, "created_at"),
@@ -191,7 +190,7 @@ class BudgetStore:
             if not await self.redis.client.exists(record):
                 raise _missing(scope, scope_id)
             await self.redis.client.zrem(keyspace.budgets_index_key(scope), scope_id)
-            await self.redis.client.delete(record, keyspace.level_inflight_key(scope, scope_id))
+            await self.redis.client.delete(*keyspace.level_keys(scope, scope_id))
 
     async def list(self, scope: str) -> builtins.list[LevelBudget]:
         """Every budget of the scope, oldest first."""

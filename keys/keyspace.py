@@ -86,6 +86,16 @@ def reservation_id(token: str, amount_nanos: int) -> str:
     return f"{token}-{amount_nanos}"
 
 
+def level_keys(scope: str, scope_id: str) -> list[str]:
+    """A budget's record and its in-flight set: the keys every level script takes first."""
+    return [level_key(scope, scope_id), level_inflight_key(scope, scope_id)]
+
+
+def scopes_of(user_id: str, team_id: str) -> list[tuple[str, str]]:
+    """The budgets a key may sit under, in the order they are checked: (scope, id)."""
+    return [(scope, i) for scope, i in (("user", user_id), ("team", team_id)) if i]
+
+
 def level_member(key_id: str, request_id: str) -> str:
     """A request's in-flight record in a user's or team's set: it names the key, so a
     report under another key of the team cannot close it."""

@@ -55,18 +55,12 @@ _REASONS = {
     CheckCode.BUDGET_SPENT: Reason.BUDGET_EXCEEDED,
     CheckCode.OVER_RPM: Reason.RATE_LIMIT_EXCEEDED,
     CheckCode.OVER_TPM: Reason.RATE_LIMIT_EXCEEDED,
+    CheckCode.MODEL_NOT_PRICED: Reason.MODEL_NOT_PRICED,
+    CheckCode.CONCURRENCY: Reason.CONCURRENCY_LIMIT_EXCEEDED,
 }
-_REASONS.update(
-    {
-        CheckCode.MODEL_NOT_PRICED: Reason.MODEL_NOT_PRICED,
-        CheckCode.CONCURRENCY: Reason.CONCURRENCY_LIMIT_EXCEEDED,
-    }
-)
 _LIMIT_HIT = {CheckCode.OVER_RPM: LimitHit.RPM, CheckCode.OVER_TPM: LimitHit.TPM}
 _IDENTITY = (CheckCode.UNKNOWN_KEY, CheckCode.REVOKED, CheckCode.EXPIRED)
-_ID_ATTEMPTS = 5
 _LEVELS_CACHED = 200_000
-_EXPIRED_SHOWN = 1000  # expired reservations read per key by GetKey (the scripts reap)
 BUDGET_MODES = ("reserve", "after")
 
 
@@ -74,6 +68,18 @@ BUDGET_MODES = ("reserve", "after")
 def _levels(names: tuple[str, ...]) -> tuple[Level, ...]:
     """("key", "team") -> (Level.KEY, Level.TEAM); the few combinations, looked up once."""
     return tuple(Level(name) for name in names)
+
+
+def _release_targets(
+    key_id: str, request_id: str, scopes: Sequence[tuple[str, str]]
+) -> list[tuple[list[str], str]]:
+    """(keys, member) of a request's in-flight record at the key and at `scopes`, as
+    level_release.lua takes them: above the key, members name their key."""
+    member = keyspace.level_member(key_id, request_id)
+    return [
+        ([keyspace.record_key(key_id), keyspace.inflight_key(key_id)], request_id),
+        *((keyspace.level_keys(scope, scope_id), member) for scope, scope_id in scopes),
+    ]
 
 
 def _shortfall_fields(short: Shortfall) -> dict[str, Any]:
@@ -139,14 +145,16 @@ class MoneyPath:
         it. One round trip on a single Redis once the key's owners are known."""
         now = self.clock()
         amount = reserve_nanos if self.budget_mode == "reserve" else 0
-        token = secrets.token_hex(12)
+        request_id = keyspace.reservation_id(secrets.token_hex(12), amount)
         try:
             owners = self._owners.get(key.key_id)
-            reply = await self._check_script(key, model, now, token, amount, priced, owners, family)
+            reply = await self._check_script(
+                key, model, now, request_id, amount, priced, owners, family
+            )
             if reply.code is CheckCode.NEED_LEVELS:
                 owners = self._remember(key.key_id, reply.user_id, reply.team_id)
                 reply = await self._check_script(
-                    key, model, now, token, amount, priced, owners, family
+                    key, model, now, request_id, amount, priced, owners, family
                 )
                 if reply.code is CheckCode.NEED_LEVELS:  # pragma: no cover (owners are fixed)
                     raise StoreUnavailable("the key's user or team changed during a Check")
@@ -159,12 +167,7 @@ class MoneyPath:
             # The caller gave up (Envoy's timeout): the script may have run, and nobody
             # will ever hear its request id. Release it now rather than after the TTL.
             orphan = asyncio.ensure_future(
-                self.release(
-                    key.key_id,
-                    keyspace.reservation_id(token, amount),
-                    now,
-                    after_s=self.abandoned_grace_s,
-                )
+                self.release(key.key_id, request_id, now, after_s=self.abandoned_grace_s)
             )
             self._orphans.add(orphan)
             orphan.add_done_callback(self._orphans.discard)
@@ -180,24 +183,12 @@ class MoneyPath:
         connection) land first; should the release still overtake it, the reservation
         expires with the TTL like any unreported one."""
         await asyncio.sleep(after_s)
-        owners = self._owners.get(key_id, ("", ""))
-        member = keyspace.level_member(key_id, request_id)
-        targets = [(keyspace.record_key(key_id), keyspace.inflight_key(key_id), request_id)] + [
-            (
-                keyspace.level_key(scope, scope_id),
-                keyspace.level_inflight_key(scope, scope_id),
-                member,
-            )
-            for scope, scope_id in zip(("user", "team"), owners, strict=True)
-            if scope_id
-        ]
+        scopes = keyspace.scopes_of(*self._owners.get(key_id, ("", "")))
         released = 0
         try:
-            for record, inflight, name in targets:
+            for keys, name in _release_targets(key_id, request_id, scopes):
                 released += scripts.decode_done(
-                    await self._run(
-                        scripts.LEVEL_RELEASE, [record, inflight], [name, admitted_ms, WINDOW_MS]
-                    )
+                    await self._run(scripts.LEVEL_RELEASE, keys, [name, admitted_ms, WINDOW_MS])
                 )
         except StoreUnavailable:
             log.warning("could not release an abandoned reservation", extra={"key_id": key_id})
@@ -208,7 +199,7 @@ class MoneyPath:
         key: ParsedKey,
         model: RequestedModel,
         now: int,
-        token: str,
+        request_id: str,
         amount: int,
         priced: bool,
         owners: tuple[str, str] | None,
@@ -228,7 +219,7 @@ class MoneyPath:
             model.name,
             WINDOW_MS,
             next_month_start_ms(now),
-            token,
+            request_id,
             amount,
             1 if priced else 0,
             self.reservation_ttl_ms,
@@ -247,18 +238,10 @@ class MoneyPath:
             return [], ["apart", "", ""]
         if owners is None:
             return [], ["inline", "\n", ""]
-        return self._level_keys(*owners), ["inline", *owners]
-
-    @staticmethod
-    def _level_keys(user_id: str, team_id: str) -> list[Arg]:
         keys: list[Arg] = []
-        for scope, scope_id in (("user", user_id), ("team", team_id)):
-            if scope_id:
-                keys += [
-                    keyspace.level_key(scope, scope_id),
-                    keyspace.level_inflight_key(scope, scope_id),
-                ]
-        return keys
+        for scope, scope_id in keyspace.scopes_of(*owners):
+            keys += keyspace.level_keys(scope, scope_id)
+        return keys, ["inline", *owners]
 
     def _remember(self, key_id: str, user_id: str, team_id: str) -> tuple[str, str]:
         if len(self._owners) >= _LEVELS_CACHED:
@@ -274,7 +257,7 @@ class MoneyPath:
         level that admitted (the key included) releases the request again, so no level
         keeps a reservation or a counted request for a request that did not run. A crash
         before the release leaves a reservation the TTL frees (docs/design.md)."""
-        scopes = [(s, i) for s, i in (("user", reply.user_id), ("team", reply.team_id)) if i]
+        scopes = keyspace.scopes_of(reply.user_id, reply.team_id)
         if not scopes:
             return reply
         args: list[Arg] = [
@@ -303,19 +286,11 @@ class MoneyPath:
             admitted_at = [s for (s, _), lv in zip(scopes, levels, strict=True) if lv.admitted]
             return replace(reply, levels=(*reply.levels, *admitted_at))
         # refused, or a level's Redis could not answer: undo what the others admitted
-        member = keyspace.level_member(key_id, reply.request_id)
-        admitted = [
-            ([keyspace.record_key(key_id), keyspace.inflight_key(key_id)], reply.request_id),
-            *(
-                ([keyspace.level_key(s, i), keyspace.level_inflight_key(s, i)], member)
-                for (s, i), lv in zip(scopes, levels, strict=True)
-                if lv.admitted
-            ),
-        ]
+        admitted = [scope for scope, lv in zip(scopes, levels, strict=True) if lv.admitted]
         await asyncio.gather(
             *(
                 self._run(scripts.LEVEL_RELEASE, keys, [name, now, WINDOW_MS])
-                for keys, name in admitted
+                for keys, name in _release_targets(key_id, reply.request_id, admitted)
             ),
             return_exceptions=True,  # what cannot be released now expires with the TTL
         )
@@ -328,10 +303,7 @@ class MoneyPath:
         """level_admit.lua, tried twice: a failover's moved slots or reset connections
         fail one call now and then, and the script is idempotent for its request, so a
         second try cannot count it twice."""
-        keys: list[Arg] = [
-            keyspace.level_key(scope, scope_id),
-            keyspace.level_inflight_key(scope, scope_id),
-        ]
+        keys = keyspace.level_keys(scope, scope_id)
         try:
             return await self._run(scripts.LEVEL_ADMIT, keys, args)
         except StoreUnavailable:
@@ -441,15 +413,13 @@ class MoneyPath:
                 self._run(
                     scripts.LEVEL_SETTLE,
                     [
-                        keyspace.level_key(scope, scope_id),
-                        keyspace.level_inflight_key(scope, scope_id),
+                        *keyspace.level_keys(scope, scope_id),
                         keyspace.level_marker_key(
                             scope, scope_id, report.key_id, report.request_id
                         ),
                     ],
                     args,
                 )
-                for scope, scope_id in (("user", user_id), ("team", team_id))
-                if scope_id
+                for scope, scope_id in keyspace.scopes_of(user_id, team_id)
             )
         )

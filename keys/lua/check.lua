@@ -12,7 +12,7 @@
 -- ARGV[4]  model name
 -- ARGV[5]  rate window length, ms
 -- ARGV[6]  the first instant of next month (UTC), ms, for monthly budgets
--- ARGV[7]  a fresh random token: the request id is <token>-<amount>
+-- ARGV[7]  the request id, `<random>-<amount>` (keys/keyspace.py reservation_id)
 -- ARGV[8]  the reservation, nano-USD (0 in after mode or for a request that costs nothing)
 -- ARGV[9]  1 the model has a price (or the request has none to pay), 0 it has none
 -- ARGV[10] reservation lifetime, ms
@@ -143,7 +143,7 @@ local decisive = short
 if shadow then decisive = hard end
 if decisive then return reply(decisive[1], nil, decisive) end
 
-local id = ARGV[7] .. '-' .. amount
+local id = ARGV[7]
 local expires, keep = now + ttl, ttl + 60000
 for _, lv in ipairs(levels) do admit(lv, now, window, id, amount, expires, keep, opens) end
 if per_model then
