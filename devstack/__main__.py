@@ -69,6 +69,7 @@ def main() -> int:
             f"127.0.0.1:{ports['extauthz']}",
             usage_token,
             log_path=RUN_DIR / "upstream.log",
+            reports=False,  # the usage tap charges its responses: no ReportUsage needed
         ).start()
         config = RUN_DIR / "envoy.yaml"
         config.write_text(p.render_envoy_config(ports))

@@ -14,6 +14,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from extauthz import responses
 from extauthz.decision import Decider
 from extauthz.request import requested_model
+from extauthz.tap_directives import CLAMP_EXTENSION
 
 PHASE_METADATA = "x-extauthz-phase"
 
@@ -79,11 +80,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         # Reading raw_body copies it (up to 1 MiB): `size` (the body's length, as Envoy
         # buffered it) decides first whether the key is checked before the body is read.
         size = http.size if http.size >= 0 else len(http.raw_body or http.body)
+        clamp = request.attributes.context_extensions.get(CLAMP_EXTENSION) == "true"
         outcome = await self.decider.decide(
             http.path,
             headers,
             lambda: requested_model(http.raw_body or http.body.encode(), headers, size),
             method=http.method,
             body_bytes=size,
+            clamp=clamp,
         )
-        return responses.envoy(outcome, headers)
+        return responses.envoy(outcome, headers, http.path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Final, TypeVar
 
@@ -20,7 +20,7 @@ from extauthz.metrics import Metrics
 from extauthz.request import presented_key
 from keys.errors import StoreUnavailable
 from keys.keygen import ParsedKey
-from keys.model import BodyModel, Decision, Reason, RequestedModel
+from keys.model import BodyModel, Decision, Level, Reason, RequestedModel
 from keys.pricing import PriceTable
 from keys.reservation import FREE, Estimate, estimate
 from keys.store import KeyStore
@@ -46,6 +46,8 @@ class Outcome:
     decision: Decision
     model: RequestedModel | None = None
     estimate: Estimate = FREE  # what the Check reserved (or would have)
+    # allowed with max_tokens lowered to this, so that the budget covers it (0: not)
+    clamped_to: int = 0
 
 
 PUBLIC: Final = Outcome(Verdict.PUBLIC, Decision(Reason.OK))
@@ -63,8 +65,11 @@ class Decider:
         public_paths: frozenset[str],
         fail_open: bool,
         reserve_output_tokens: int = 4096,
+        min_clamped_tokens: int = 0,
     ) -> None:
         self.reserve_output_tokens = reserve_output_tokens
+        # clamping instead of 402 where the route allows it (0: never)
+        self.min_clamped_tokens = min_clamped_tokens
         self.store = store
         self.metrics = metrics
         self.prices = prices
@@ -83,12 +88,14 @@ class Decider:
         *,
         method: str = "GET",
         body_bytes: int = 0,
+        clamp: bool = False,
     ) -> Outcome:
         """`model_of` reads the model (Envoy: from the body; nginx: from x-model); it
         runs only once a well-formed key makes it worth the work, and for a body over
-        LARGE_BODY_BYTES only once Redis has accepted the key."""
+        LARGE_BODY_BYTES only once Redis has accepted the key. `clamp`: the route runs
+        the usage tap, which can lower the body's max_tokens (`_clamp`)."""
         started = time.perf_counter()
-        outcome = await self._decide(path, headers, model_of, method, body_bytes)
+        outcome = await self._decide(path, headers, model_of, method, body_bytes, clamp)
         self._observe(outcome, time.perf_counter() - started)
         return outcome
 
@@ -99,6 +106,7 @@ class Decider:
         model_of: Callable[[], RequestedModel],
         method: str,
         body_bytes: int,
+        clamp: bool,
     ) -> Outcome:
         key = self._key_or_outcome(path, headers, method)
         if isinstance(key, Outcome):
@@ -109,21 +117,63 @@ class Decider:
                 return refused
             model = model_of()
             cost = estimate(self.prices, model, self.reserve_output_tokens)
-            started = time.perf_counter()
-            try:
-                decision = await self.store.check(
-                    key,
-                    model,
-                    reserve_nanos=cost.amount_nanos,
-                    priced=cost.priced,
-                    family=self.prices.family(model.name) if model.name else "",
-                )
-            finally:
-                self.metrics.redis_check_latency.observe(time.perf_counter() - started)
+            decision = await self._check(key, model, cost)
+            if clamp and self._clampable(decision, model):
+                clamped = await self._clamp(key, model, cost, decision)
+                if clamped is not None:
+                    return clamped
         except StoreUnavailable:
             return self._unavailable(key, Verdict.UNVERIFIED, model)
         verdict = Verdict.ALLOW if decision.allowed else Verdict.DENY
         return Outcome(verdict, decision, model, cost)
+
+    async def _check(self, key: ParsedKey, model: RequestedModel, cost: Estimate) -> Decision:
+        started = time.perf_counter()
+        try:
+            return await self.store.check(
+                key,
+                model,
+                reserve_nanos=cost.amount_nanos,
+                priced=cost.priced,
+                family=self.prices.family(model.name) if model.name else "",
+            )
+        finally:
+            self.metrics.redis_check_latency.observe(time.perf_counter() - started)
+
+    def _clampable(self, decision: Decision, model: RequestedModel) -> bool:
+        """A budget refusal the tap could turn into a shorter answer: the body was read
+        whole (the tap rewrites what Check priced), and money is reserved (the clamp
+        must fit a reservation)."""
+        return (
+            decision.reason is Reason.BUDGET_EXCEEDED
+            and self.min_clamped_tokens > 0
+            and model.kind is BodyModel.NAMED
+            and self.store.budget_mode == "reserve"
+        )
+
+    async def _clamp(
+        self, key: ParsedKey, model: RequestedModel, cost: Estimate, refused: Decision
+    ) -> Outcome | None:
+        """Ask again for the max_tokens the refusing budget still covers (each of key,
+        user and team may refuse in turn, with less free), down to
+        EXTAUTHZ_MIN_CLAMPED_TOKENS. None where no attempt was made (the first 402
+        stands), else the last attempt's outcome. Each attempt is the same atomic Check,
+        so what it reserves fits: a clamp never overshoots."""
+        denied: Outcome | None = None  # the latest refusal of a clamped attempt
+        decision = refused
+        for _ in Level.KEY, Level.USER, Level.TEAM:
+            tokens = cost.max_tokens_within(decision.free_nanos)
+            if tokens < self.min_clamped_tokens or tokens >= cost.output_tokens:
+                break
+            model = replace(model, output_cap=tokens)
+            cost = estimate(self.prices, model, self.reserve_output_tokens)
+            decision = await self._check(key, model, cost)
+            if decision.allowed:
+                return Outcome(Verdict.ALLOW, decision, model, cost, clamped_to=tokens)
+            denied = Outcome(Verdict.DENY, decision, model, cost)
+            if decision.reason is not Reason.BUDGET_EXCEEDED:
+                break
+        return denied
 
     async def verify_key(
         self, path: str, headers: Mapping[str, str], *, method: str = "GET"

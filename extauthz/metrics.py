@@ -101,8 +101,16 @@ class Metrics:
         )
         self.tap_unmetered = Counter(
             "extauthz_tap_unmetered_total",
-            "Responses the usage tap could not charge, by reason",
+            "Responses the usage tap charged without the upstream's usage (an estimate, or "
+            "nothing), by reason",
             ["reason"],
+            registry=r,
+        )
+        self.tap_responses = Counter(
+            "extauthz_tap_responses_total",
+            "Responses the usage tap settled, by basis: usage (the upstream's), estimate, "
+            "released (nothing generated), failed (not charged)",
+            ["basis"],
             registry=r,
         )
         self.shadow_denials = Counter(

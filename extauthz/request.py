@@ -148,9 +148,33 @@ def _body_model(body: bytes, headers: Mapping[str, str], size: int) -> Requested
     cap, choices = _cost_bounds(document)
     model = document.get("model")
     name = _model_name(model) if isinstance(model, str) else None
+    streams = _streams_without_usage(document)
     if name is None:
-        return RequestedModel(BodyModel.UNREADABLE, "", cap, choices, size)
-    return RequestedModel(BodyModel.NAMED, name, cap, choices, size)
+        return RequestedModel(
+            BodyModel.UNREADABLE, "", cap, choices, size, stream_without_usage=streams
+        )
+    return RequestedModel(BodyModel.NAMED, name, cap, choices, size, stream_without_usage=streams)
+
+
+# What a lenient upstream (pydantic's lax mode) reads as true.
+_TRUE_STRINGS = frozenset({"true", "t", "yes", "y", "on", "1"})
+
+
+def _lax_true(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value == 1
+    return isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS
+
+
+def _streams_without_usage(document: dict[str, object]) -> bool:
+    """`"stream": true` and no `stream_options.include_usage: true`: the stream will end
+    without the chunk that says what it cost, unless the usage tap asks for it."""
+    if not _lax_true(document.get("stream")):
+        return False
+    options = document.get("stream_options")
+    return not (isinstance(options, dict) and _lax_true(options.get("include_usage")))
 
 
 def _unreadable(size: int, *, encoded: bool = False) -> RequestedModel:

@@ -22,7 +22,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
-from extauthz import wire
+from extauthz import tap_directives, wire
 from extauthz.decision import Outcome, Verdict
 from keys.model import Decision, Level, LimitHit, Reason, RequestedModel, WindowCount
 from keys.money import NANOS_PER_USD
@@ -35,6 +35,8 @@ UNVERIFIED_HEADER = "x-virtual-key-unverified"
 WOULD_DENY_HEADER = "x-virtual-key-would-deny"
 # Names the allowed request for ReportUsage: fresh per request, never client-chosen.
 REQUEST_ID_HEADER = "x-virtual-key-request-id"
+# A clamped request (the usage tap lowers its max_tokens): the output tokens it may have.
+MAX_TOKENS_HEADER = "x-virtual-key-max-tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,13 +281,16 @@ def allowed(outcome: Outcome) -> Allowed:
     upstream = upstream_identity(decision)
     if decision.would_deny is not None:
         upstream.append((WOULD_DENY_HEADER, decision.would_deny.value))
+    if outcome.clamped_to:
+        upstream.append((MAX_TOKENS_HEADER, str(outcome.clamped_to)))
     return Allowed(upstream, [request_id_header(decision)], rate_limit_headers(decision))
 
 
 def envoy(
-    outcome: Outcome, client_headers: Iterable[str]
+    outcome: Outcome, client_headers: Iterable[str], path: str = "/"
 ) -> bytes | external_auth_pb2.CheckResponse:
-    """A CheckResponse: allows hand-encoded (extauthz/wire.py), denials as messages."""
+    """A CheckResponse: allows hand-encoded (extauthz/wire.py), denials as messages; an
+    allow carries the usage tap's directives as dynamic metadata."""
     if outcome.verdict is Verdict.DENY:
         return envoy_deny(outcome.decision, outcome.model, outcome.estimate)
     if outcome.verdict is Verdict.KEY_VERIFIED:
@@ -296,7 +301,13 @@ def envoy(
     else:
         ours = (name for name, _ in (*allow.upstream, *allow.fresh))
         removed = _strip_client_identity(client_headers, ours)
-    return wire.ok_check_response(allow.upstream, removed, allow.client, fresh=allow.fresh)
+    return wire.ok_check_response(
+        allow.upstream,
+        removed,
+        allow.client,
+        fresh=allow.fresh,
+        metadata=tap_directives.directives(outcome, path),
+    )
 
 
 def nginx(outcome: Outcome) -> tuple[int, list[tuple[str, str]], bytes]:

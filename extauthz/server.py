@@ -84,13 +84,15 @@ async def serve(settings: Settings) -> None:
         public_paths=settings.public_paths,
         fail_open=settings.fail_open,
         reserve_output_tokens=settings.reserve_output_tokens,
+        min_clamped_tokens=settings.min_clamped_tokens if settings.clamp_max_tokens else 0,
     )
 
     # gRPC sets SO_REUSEPORT by default, which lets a stray second server on the same
     # port take half the traffic; only --workers (EXTAUTHZ_REUSE_PORT) shares a port.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)])
     AuthorizationServicer(decider).add_to_server(server)
-    UsageTap(store, prices, metrics).register(server)  # Envoy calls it only where configured
+    tap = UsageTap(store, prices, metrics, journal)  # Envoy calls it only where configured
+    tap.register(server)
     add_servicer(
         server, keys_pb2.DESCRIPTOR.services_by_name["KeyService"], KeyService(store, settings)
     )
@@ -179,6 +181,7 @@ async def serve(settings: Settings) -> None:
     log.info("draining", extra={"signal": received[0].name, "drain_seconds": drain})
     await asyncio.sleep(drain)
     await server.stop(SHUTDOWN_GRACE_S)
+    await tap.drain()
     if replayer is not None:
         replayer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

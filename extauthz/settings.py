@@ -193,6 +193,21 @@ VARIABLES: tuple[Variable, ...] = (
         "an unreported reservation (and its concurrency slot) is released after this",
     ),
     Variable(
+        "EXTAUTHZ_CLAMP_MAX_TOKENS",
+        "clamp_max_tokens",
+        "true",
+        boolean,
+        "on routes the usage tap covers (max_tokens_clamp), lower max_tokens to what the "
+        "budget covers instead of denying",
+    ),
+    Variable(
+        "EXTAUTHZ_MIN_CLAMPED_TOKENS",
+        "min_clamped_tokens",
+        "16",
+        integer(1, 10_000_000),
+        "the fewest output tokens a clamped request may be left with (else 402)",
+    ),
+    Variable(
         "VIRTUAL_KEY_MAX_EXPIRES_DAYS",
         "max_expires_days",
         "365",
@@ -271,6 +286,8 @@ class Settings:
     budget_mode: str
     reserve_output_tokens: int
     reservation_ttl_s: int
+    clamp_max_tokens: bool
+    min_clamped_tokens: int
     max_expires_days: int
     usage_dedup_ttl_s: int
     usage_retention_days: int

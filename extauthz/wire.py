@@ -54,16 +54,30 @@ def _string_field(number: int, value: str) -> bytes:
     return _field(number, value.encode())
 
 
+@lru_cache(maxsize=4096)
+def _metadata_entry(name: str, value: str) -> bytes:
+    """Struct.fields[name] = Value{string_value: value}: a map entry."""
+    return _field(1, _field(1, name.encode()) + _field(2, _field(3, value.encode())))
+
+
+def metadata_struct(entries: Iterable[tuple[str, str]]) -> bytes:
+    """google.protobuf.Struct{fields: {name: Value{string_value}}}, serialized."""
+    return b"".join(_metadata_entry(k, v) for k, v in entries)
+
+
 def ok_check_response(
     upstream: Iterable[tuple[str, str]],
     remove: Iterable[str],
     client: Iterable[tuple[str, str]],
     *,
     fresh: Iterable[tuple[str, str]] = (),
+    metadata: Iterable[tuple[str, str]] = (),
 ) -> bytes:
     """CheckResponse{status: OK, ok_response: OkHttpResponse{headers (2),
-    headers_to_remove (5), response_headers_to_add (6)}}, serialized. `fresh` are more
-    upstream headers whose values never repeat (a request id): not worth caching."""
+    headers_to_remove (5), response_headers_to_add (6)}, dynamic_metadata (4)},
+    serialized. `fresh` are more upstream headers whose values never repeat (a request
+    id): not worth caching. `metadata`: string entries Envoy keeps as the ext_authz
+    filter's dynamic metadata, for the filters after it (the usage tap)."""
     body = b"".join(
         [
             *[_option_field(2, k, v) for k, v in upstream],
@@ -72,4 +86,6 @@ def ok_check_response(
             *[_option_field(6, k, v) for k, v in client],
         ]
     )
-    return _STATUS_OK + _field(3, body)
+    reply = _STATUS_OK + _field(3, body)
+    struct = metadata_struct(metadata)
+    return reply + _field(4, struct) if struct else reply

@@ -53,6 +53,9 @@ class RequestedModel:
     choices: int = field(default=1, compare=False)  # completions: n (or best_of) x prompts
     body_bytes: int = field(default=0, compare=False)
     encoded: bool = field(default=False, compare=False)  # a Content-Encoding (gzip, ...)
+    # streams (`"stream": true`) without asking for its usage chunk
+    # (`stream_options.include_usage`): the usage tap asks for it on the client's behalf
+    stream_without_usage: bool = field(default=False, compare=False)
 
     @classmethod
     def named(cls, name: str) -> RequestedModel:

@@ -41,6 +41,7 @@ class Estimate:
     prompt_nanos: int = 0
     output_pico_per_token: int = 0  # pico-USD per output token, times the completions
     choices: int = 1
+    output_tokens: int = 0  # the output bound of one completion it was made with
 
     def max_tokens_within(self, free_nanos: int) -> int:
         """The largest max_tokens whose reservation fits in `free_nanos` (0: none)."""
@@ -92,6 +93,7 @@ def estimate(prices: PriceTable, model: RequestedModel, default_output_tokens: i
         prompt_nanos=_ceil_div(prompt_pico, _PICO_PER_NANO),
         output_pico_per_token=per_output,
         choices=choices,
+        output_tokens=output,
     )
 
 

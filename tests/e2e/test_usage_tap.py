@@ -1,17 +1,24 @@
-"""The usage tap (extauthz/tap.py) behind a real Envoy configured for it, in front of an
-upstream that reports nothing: responses are charged from the usage they carry, once.
-(Groundwork of issue 12: the shipped envoy.yaml does not run the tap yet.)"""
+"""The usage tap (extauthz/tap.py) behind the shipped envoy.yaml, in front of an upstream
+that reports nothing: every response is charged from the usage it carries (or, where it
+carries none, the documented estimate), exactly once, and the client sees what the
+upstream sent, less only the usage chunk it did not ask for."""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import http.client
 import json
+import math
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from devstack import processes as p
-from devstack.mock_upstream import MockUpstream
+from devstack.mock_upstream import MockUpstream, Seen
 from keys.pricing import PriceTable
 from tests.conftest import Envoy, Server
 from tests.helpers import Clients, HttpReply, eventually, fetch
@@ -19,25 +26,8 @@ from tests.helpers import Clients, HttpReply, eventually, fetch
 pytestmark = pytest.mark.e2e
 CHAT = "/v1/chat/completions"
 PRICES = PriceTable.builtin()
-EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
-TAP_FILTER = f"""\
-                  - name: envoy.filters.http.ext_proc
-                    typed_config:
-                      "@type": {EXT_PROC}
-                      grpc_service:
-                        envoy_grpc:
-                          cluster_name: extauthz
-                        timeout: 0.5s
-                      failure_mode_allow: true
-                      processing_mode:
-                        request_header_mode: SEND
-                        response_header_mode: SEND
-                        request_body_mode: NONE
-                        response_body_mode: STREAMED
-                        request_trailer_mode: SKIP
-                        response_trailer_mode: SKIP
-"""
-ROUTER = "                  - name: envoy.filters.http.router\n"
+MESSAGES = [{"role": "user", "content": "Hi"}]
+PROMPT = 1  # the mock's prompt tokens for MESSAGES
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +41,7 @@ def silent(server: Server) -> Iterator[MockUpstream]:
 def tapped(
     server: Server, silent: MockUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Envoy]:
+    """The shipped envoy.yaml, with the silent upstream behind it."""
     work: Path = tmp_path_factory.mktemp("tap")
     ports = {
         "listener": p.free_port(),
@@ -58,10 +49,8 @@ def tapped(
         "upstream": silent.port,
         "admin": p.free_port(),
     }
-    text = p.render_envoy_config(ports)
-    assert text.count(ROUTER) == 1
     config = work / "envoy.yaml"
-    config.write_text(text.replace(ROUTER, TAP_FILTER + ROUTER))
+    config.write_text(p.render_envoy_config(ports))
     envoy = Envoy(
         ports["listener"],
         p.start_envoy(config, ports["listener"], work / "envoy.log"),
@@ -71,38 +60,201 @@ def tapped(
     envoy.process.stop()
 
 
-def chat(envoy: Envoy, key: str, **body: object) -> HttpReply:
-    request = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], **body}
-    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
-    return fetch(envoy.port, "POST", CHAT, headers, json.dumps(request).encode())
+def post(
+    envoy: Envoy,
+    key: str,
+    path: str = CHAT,
+    headers: dict[str, str] | None = None,
+    **body: object,
+) -> HttpReply:
+    request = {"model": "gpt-4o", **({"messages": MESSAGES} if path == CHAT else {}), **body}
+    sent = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    payload = json.dumps(request).encode()
+    return fetch(envoy.port, "POST", path, {**sent, **(headers or {})}, payload)
 
 
 def charged(clients: Clients, key_id: str) -> int:
     return round(clients.get_key(key_id).spent * 1e9)
 
 
+def settled(clients: Clients, key_id: str) -> bool:
+    key = clients.get_key(key_id)
+    return key.in_flight == 0 and key.reserved == 0
+
+
+def seen_by(mock: MockUpstream, key_id: str) -> Seen:
+    return next(s for s in reversed(mock.seen) if s.headers.get("x-virtual-key-id") == key_id)
+
+
+def without_usage_chunk(stream: bytes) -> bytes:
+    events = stream.split(b"\n\n")
+    kept = [e for e in events if not (b'"usage": {' in e and b'"choices": []' in e)]
+    assert len(kept) == len(events) - 1, "the stream had one usage chunk"
+    return b"\n\n".join(kept)
+
+
+def unmetered(server: Server, reason: str) -> float:
+    series = f'extauthz_tap_unmetered_total{{reason="{reason}"}}'
+    text = fetch(server.http_port, "GET", "/metrics").body.decode()
+    line = next((ln for ln in text.splitlines() if ln.startswith(series)), "")
+    return float(line.split()[-1]) if line else 0.0
+
+
+# --- responses that carry usage --------------------------------------------------------
+
+
 def test_a_json_completion_is_charged_from_its_usage_with_no_report(
     tapped: Envoy, clients: Clients
 ) -> None:
     key, data = clients.create_key(max_budget=10)
-    reply = chat(tapped, key, max_tokens=7)
+    reply = post(tapped, key, max_tokens=7)
     assert reply.status == 200
     usage = reply.json()["usage"]
     cost = PRICES.cost_nanos("gpt-4o", usage["prompt_tokens"], usage["completion_tokens"])
     assert eventually(lambda: charged(clients, data.id) == cost)
-    after = clients.get_key(data.id)
-    assert (after.in_flight, after.reserved) == (0, 0)
+    assert settled(clients, data.id)
 
 
-def test_a_streamed_completion_is_charged_from_its_usage_chunk(
-    tapped: Envoy, clients: Clients
+def test_a_stream_that_asked_for_usage_reaches_the_client_byte_for_byte(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
 ) -> None:
     key, data = clients.create_key(max_budget=10)
-    reply = chat(tapped, key, max_tokens=9, stream=True, stream_options={"include_usage": True})
-    assert reply.status == 200 and reply.body.endswith(b"data: [DONE]\n\n")
-    cost = PRICES.cost_nanos("gpt-4o", 1, 9)
-    assert eventually(lambda: charged(clients, data.id) == cost)
-    assert clients.get_key(data.id).in_flight == 0
+    options = {"include_usage": True}
+    reply = post(tapped, key, max_tokens=9, stream=True, stream_options=options)
+    assert reply.status == 200
+    assert reply.body == seen_by(silent, data.id).sent
+    assert eventually(lambda: charged(clients, data.id) == PRICES.cost_nanos("gpt-4o", PROMPT, 9))
+    assert settled(clients, data.id)
+
+
+def test_a_stream_that_did_not_ask_for_usage_is_charged_and_the_chunk_is_removed(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    reply = post(tapped, key, max_tokens=6, stream=True)
+    upstream = seen_by(silent, data.id)
+    assert json.loads(upstream.body)["stream_options"] == {"include_usage": True}
+    assert reply.status == 200
+    assert reply.body == without_usage_chunk(upstream.sent)
+    assert reply.body.endswith(b"data: [DONE]\n\n")
+    assert eventually(lambda: charged(clients, data.id) == PRICES.cost_nanos("gpt-4o", PROMPT, 6))
+
+
+def test_stream_options_the_client_set_are_kept_when_usage_is_added(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    options = {"include_usage": False, "include_obfuscation": False}
+    assert post(tapped, key, stream=True, stream_options=options).status == 200
+    sent = json.loads(seen_by(silent, data.id).body)
+    assert sent["stream_options"] == {"include_usage": True, "include_obfuscation": False}
+    assert sent["messages"] == MESSAGES
+
+
+def test_a_request_the_tap_does_not_change_reaches_the_upstream_unchanged(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    body = b'{"model":"gpt-4o",  "messages":[{"role":"user","content":"Hi"}],"max_tokens":3}'
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    assert fetch(tapped.port, "POST", CHAT, headers, body).status == 200
+    assert seen_by(silent, data.id).body == body
+
+
+def test_sse_events_split_at_every_byte_offset_are_charged_and_filtered_exactly(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=100, rpm_limit=0, tpm_limit=0)
+    first = post(tapped, key, max_tokens=2, stream=True)
+    length = len(seen_by(silent, data.id).sent)
+    for offset in range(1, length):
+        split = {"x-mock-split-at": str(offset)}
+        reply = post(tapped, key, headers=split, max_tokens=2, stream=True)
+        assert reply.body == without_usage_chunk(seen_by(silent, data.id).sent), offset
+    assert first.status == 200
+    requests = length  # the first, and one per offset
+    cost = PRICES.cost_nanos("gpt-4o", PROMPT, 2)
+    assert eventually(lambda: charged(clients, data.id) == requests * cost)
+    assert eventually(lambda: settled(clients, data.id))
+
+
+def test_a_gzip_stream_that_asked_for_usage_is_charged(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    reply = post(
+        tapped,
+        key,
+        headers={"accept-encoding": "gzip"},
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert reply.headers.get("content-encoding") == "gzip"
+    assert gzip.decompress(reply.body) == seen_by(silent, data.id).sent
+    assert eventually(lambda: charged(clients, data.id) == PRICES.cost_nanos("gpt-4o", PROMPT, 4))
+
+
+def test_a_stream_whose_usage_chunk_is_removed_is_asked_for_without_encoding(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    """The chunk is cut from plain text: the upstream is asked for identity."""
+    key, data = clients.create_key(max_budget=10)
+    reply = post(tapped, key, headers={"accept-encoding": "gzip"}, max_tokens=4, stream=True)
+    upstream = seen_by(silent, data.id)
+    assert upstream.headers["accept-encoding"] == "identity"
+    assert "content-encoding" not in reply.headers
+    assert reply.body == without_usage_chunk(upstream.sent)
+    assert eventually(lambda: charged(clients, data.id) == PRICES.cost_nanos("gpt-4o", PROMPT, 4))
+
+
+def test_a_gzip_json_completion_is_charged(tapped: Envoy, clients: Clients) -> None:
+    key, data = clients.create_key(max_budget=10)
+    payload = json.dumps({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 5}).encode()
+    headers = {
+        "authorization": f"Bearer {key}",
+        "content-type": "application/json",
+        "accept-encoding": "gzip",
+    }
+    # the mock answers JSON uncompressed; Envoy passes it as is: charged either way
+    assert fetch(tapped.port, "POST", CHAT, headers, payload).status == 200
+    assert eventually(lambda: charged(clients, data.id) == PRICES.cost_nanos("gpt-4o", PROMPT, 5))
+
+
+def test_a_legacy_completions_stream_gets_its_usage_added_and_removed(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    reply = post(tapped, key, "/v1/completions", prompt="Hi", max_tokens=3, stream=True)
+    upstream = seen_by(silent, data.id)
+    assert reply.body == without_usage_chunk(upstream.sent)
+    assert eventually(lambda: charged(clients, data.id) == PRICES.cost_nanos("gpt-4o", PROMPT, 3))
+
+
+def test_a_responses_api_stream_is_charged_from_response_completed(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    reply = post(tapped, key, "/v1/responses", input="Hi", max_output_tokens=8, stream=True)
+    upstream = seen_by(silent, data.id)
+    assert "stream_options" not in json.loads(upstream.body)  # not an option of this API
+    assert reply.body == upstream.sent
+    assert eventually(lambda: charged(clients, data.id) == PRICES.cost_nanos("gpt-4o", PROMPT, 8))
+
+
+def test_a_responses_api_answer_is_charged(tapped: Envoy, clients: Clients) -> None:
+    key, data = clients.create_key(max_budget=10)
+    assert post(tapped, key, "/v1/responses", input="Hi", max_output_tokens=5).status == 200
+    assert eventually(lambda: charged(clients, data.id) == PRICES.cost_nanos("gpt-4o", PROMPT, 5))
+
+
+def test_an_embeddings_answer_is_charged_for_its_input(tapped: Envoy, clients: Clients) -> None:
+    key, data = clients.create_key(max_budget=10)
+    model = "text-embedding-3-small"
+    reply = post(tapped, key, "/v1/embeddings", model=model, input="Hi")
+    assert reply.status == 200
+    assert eventually(lambda: charged(clients, data.id) == PRICES.cost_nanos(model, PROMPT, 0))
+    assert settled(clients, data.id)
 
 
 def test_a_tap_and_a_reporting_load_balancer_charge_once(
@@ -111,38 +263,149 @@ def test_a_tap_and_a_reporting_load_balancer_charge_once(
     key, data = clients.create_key(max_budget=10)
     silent.reports = True
     try:
-        assert chat(tapped, key, max_tokens=5).status == 200
+        assert post(tapped, key, max_tokens=5).status == 200
+        assert post(tapped, key, max_tokens=5, stream=True).status == 200
     finally:
         silent.reports = False
-    cost = PRICES.cost_nanos("gpt-4o", 1, 5)
-    assert eventually(lambda: charged(clients, data.id) == cost)
-    assert charged(clients, data.id) == cost  # never twice
+    cost = PRICES.cost_nanos("gpt-4o", PROMPT, 5)
+    assert eventually(lambda: charged(clients, data.id) == 2 * cost)
+    time.sleep(0.3)  # a second charge would have landed by now
+    assert charged(clients, data.id) == 2 * cost
 
 
-def test_a_stream_without_usage_is_counted_unmetered(
+# --- responses that carry none ---------------------------------------------------------
+
+
+def estimate(request: bytes, events: int, chars: int) -> int:
+    """docs/design.md's estimate: prompt at 4 request bytes a token; completion the
+    larger of the content events and 4 characters a token."""
+    prompt = math.ceil(len(request) / 4)
+    return PRICES.cost_nanos("gpt-4o", prompt, max(events, math.ceil(chars / 4)))
+
+
+def test_a_stream_the_upstream_cut_is_charged_the_estimate(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    with contextlib.suppress(http.client.IncompleteRead):  # Envoy passes the cut on
+        cut = {"x-mock-cut-after-events": "3", "x-mock-event-interval-seconds": "0.05"}
+        post(tapped, key, headers=cut, max_tokens=50, stream=True)
+    sent = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50, "stream": True}
+    chars = len("Hello from the")  # the three events' content
+    expected = estimate(json.dumps(sent).encode(), 3, chars)
+    assert eventually(lambda: charged(clients, data.id) == expected)
+    assert settled(clients, data.id)
+
+
+def test_a_client_that_leaves_mid_stream_is_charged_the_estimate(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    body = json.dumps({"model": "gpt-4o", "messages": MESSAGES, "stream": True}).encode()
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
+        "content-type: application/json\r\nx-mock-event-interval-seconds: 0.3\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", tapped.port)) as conn:
+        conn.sendall(request)
+        received = b""
+        while b"Hello" not in received:
+            received += conn.recv(4096)
+    # gone after the first event: charged for what passed, not the whole answer
+    assert eventually(lambda: charged(clients, data.id) > 0)
+    # the tap may have passed an event or two more than the client read
+    assert charged(clients, data.id) in {
+        estimate(body, n, len(text)) for n, text in ((1, "Hello"), (2, "Hello from"))
+    }
+    assert eventually(lambda: settled(clients, data.id))
+
+
+def test_a_json_answer_without_usage_is_charged_the_estimate(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    reply = post(tapped, key, headers={"x-mock-usage": "omit"}, max_tokens=5)
+    assert reply.status == 200 and "usage" not in reply.json()
+    expected = estimate(seen_by(silent, data.id).body, 1, len("Hello from the mock."))
+    # (a request the tap did not change: the upstream saw the client's bytes)
+    assert eventually(lambda: charged(clients, data.id) == expected)
+    assert expected > 0
+
+
+def test_an_upstream_failure_gives_the_reservation_back(
     tapped: Envoy, server: Server, clients: Clients
 ) -> None:
-    """What to charge then is issue 12's estimate; today it is counted, not charged."""
-    key, data = clients.create_key(max_budget=10)
-    series = 'extauthz_tap_unmetered_total{reason="no_usage"}'
+    key, data = clients.create_key(max_budget=10, max_parallel_requests=1)
+    before = unmetered(server, "no_usage")
+    assert post(tapped, key, headers={"x-mock-status": "500"}).status == 500
+    assert eventually(lambda: settled(clients, data.id))
+    assert charged(clients, data.id) == 0
+    assert unmetered(server, "no_usage") == before + 1
+    assert post(tapped, key, max_tokens=3).status == 200  # the slot is free
 
-    def unmetered() -> float:
-        text = fetch(server.http_port, "GET", "/metrics").body.decode()
-        line = next((ln for ln in text.splitlines() if ln.startswith(series)), "")
-        return float(line.split()[-1]) if line else 0.0
 
-    before = unmetered()
-    assert chat(tapped, key, max_tokens=5, stream=True).status == 200
-    assert eventually(lambda: unmetered() == before + 1)
+def test_a_refused_request_gives_the_reservation_back(tapped: Envoy, clients: Clients) -> None:
+    key, data = clients.create_key(max_budget=10, max_parallel_requests=1)
+    assert post(tapped, key, max_tokens=-1).status == 400  # the mock refuses it
+    assert eventually(lambda: settled(clients, data.id))
     assert charged(clients, data.id) == 0
 
 
-def test_a_response_that_generated_nothing_gives_its_reservation_back(
+# --- clamping ----------------------------------------------------------------------------
+
+
+def test_a_budget_that_covers_part_of_a_request_gets_a_shorter_answer(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    """$0.0005 covers ~40 gpt-4o output tokens after the prompt bound, not 4096."""
+    key, data = clients.create_key(max_budget=0.0005)
+    reply = post(tapped, key, max_tokens=4096)
+    assert reply.status == 200
+    clamped = int(reply.headers["x-virtual-key-max-tokens-clamped"])
+    assert 16 <= clamped < 4096
+    upstream = seen_by(silent, data.id)
+    assert json.loads(upstream.body)["max_tokens"] == clamped
+    assert upstream.headers["x-virtual-key-max-tokens"] == str(clamped)
+    assert eventually(lambda: settled(clients, data.id))
+    assert charged(clients, data.id) <= 500_000  # within the budget
+
+
+def test_a_clamped_request_that_names_no_max_tokens_gets_one(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=0.0005)
+    reply = post(tapped, key)
+    assert reply.status == 200
+    sent = json.loads(seen_by(silent, data.id).body)
+    assert sent["max_tokens"] == int(reply.headers["x-virtual-key-max-tokens-clamped"])
+
+
+def test_a_clamped_stream_keeps_its_usage_handling(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=0.0005)
+    reply = post(tapped, key, max_completion_tokens=9000, stream=True)
+    upstream = seen_by(silent, data.id)
+    sent = json.loads(upstream.body)
+    assert sent["max_completion_tokens"] == int(reply.headers["x-virtual-key-max-tokens-clamped"])
+    assert sent["stream_options"] == {"include_usage": True}
+    assert reply.body == without_usage_chunk(upstream.sent)
+
+
+def test_a_budget_below_the_fewest_clamped_tokens_still_gets_402(
     tapped: Envoy, clients: Clients
 ) -> None:
-    """An upstream error with no usage and no content: released now, not after the TTL."""
-    key, data = clients.create_key(max_budget=10, max_parallel_requests=1)
-    assert chat(tapped, key, max_tokens=-1).status == 400  # the mock refuses it
-    assert eventually(lambda: clients.get_key(data.id).in_flight == 0)
-    assert (clients.get_key(data.id).reserved, charged(clients, data.id)) == (0, 0)
-    assert chat(tapped, key, max_tokens=3).status == 200  # the slot is free
+    key, _ = clients.create_key(max_budget=0.00002)  # under 16 gpt-4o output tokens
+    reply = post(tapped, key, max_tokens=100)
+    assert reply.status == 402
+    assert "x-virtual-key-max-tokens-clamped" not in reply.headers
+
+
+def test_a_request_the_budget_covers_is_not_clamped(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    reply = post(tapped, key, max_tokens=100)
+    assert "x-virtual-key-max-tokens-clamped" not in reply.headers
+    assert "x-virtual-key-max-tokens" not in seen_by(silent, data.id).headers
