@@ -57,6 +57,8 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
         provider = validation.text("provider", request.provider, required=False, max_chars=128)
         prompt = validation.tokens("prompt_tokens", request.prompt_tokens)
         completion = validation.tokens("completion_tokens", request.completion_tokens)
+        cached = validation.tokens("cached_tokens", request.cached_tokens)
+        reasoning = validation.tokens("reasoning_tokens", request.reasoning_tokens)
         total = validation.tokens("total_tokens", request.total_tokens) or prompt + completion
         if total < prompt + completion:
             raise InvalidArgument(
@@ -66,7 +68,9 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
         if request.HasField("cost"):
             cost = validation.usd("cost", request.cost)
         else:
-            cost = self.prices.cost_nanos(model, prompt, completion)
+            cost = self.prices.cost_nanos(
+                model, prompt, completion, cached_tokens=cached, reasoning_tokens=reasoning
+            )
         return UsageReport(
             key_id,
             request_id,

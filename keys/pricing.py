@@ -1,5 +1,9 @@
 """Price table: USD per 1M input / output tokens per model, and cost from token counts.
 
+A price may also name what a prompt token served from the provider's prompt cache costs
+(`cached_input`) and what a reasoning token costs (`reasoning_output`); without them, those
+tokens cost the input and the output price.
+
 A model is priced by its exact entry, an alias that entry lists, or a dated snapshot of
 either (`gpt-4o-2024-08-06`, `gpt-4-0613`); else by a `default` entry. Nothing else: a
 prefix is not a snapshot (`o1-pro` is not `o1`). With no entry, pricing fails: usage is
@@ -35,6 +39,22 @@ class Price:
     # The most output tokens the model returns for one request (its context's output
     # cap): what a Check reserves for a request that names no max_tokens. None: unknown.
     max_output_tokens: int | None = None
+    # USD per 1M prompt tokens served from the provider's prompt cache. None: the input price.
+    cached_input_per_mtok: Decimal | None = None
+    # USD per 1M reasoning tokens. None: the output price (OpenAI bills them as output).
+    reasoning_output_per_mtok: Decimal | None = None
+
+    @property
+    def max_input_per_mtok(self) -> Decimal:
+        """The most one prompt token may cost, cached or not: what a reservation uses."""
+        cached = self.cached_input_per_mtok
+        return self.input_per_mtok if cached is None else max(self.input_per_mtok, cached)
+
+    @property
+    def max_output_per_mtok(self) -> Decimal:
+        """The most one completion token may cost, reasoning or not."""
+        reasoning = self.reasoning_output_per_mtok
+        return self.output_per_mtok if reasoning is None else max(self.output_per_mtok, reasoning)
 
 
 # Public list prices, USD per 1M tokens (input, output). Override with EXTAUTHZ_PRICES.
@@ -99,6 +119,30 @@ BUILTIN_OUTPUT_CAPS: Mapping[str, int] = {
     "claude-3-5-haiku": 8192,
 }
 
+# Cached prompt tokens (USD per 1M), the providers' public list prices: OpenAI's "cached
+# input" column (models without one bill cached tokens at the input price), Anthropic's
+# "cache hits" (a tenth of the input price; $0.03 for Claude 3 Haiku). Anthropic's cache
+# writes cost more than input; an OpenAI-compatible usage object does not report them apart.
+BUILTIN_CACHED_INPUT: Mapping[str, str] = {
+    "gpt-4o": "1.25",
+    "gpt-4o-mini": "0.075",
+    "gpt-4.1": "0.5",
+    "gpt-4.1-mini": "0.1",
+    "gpt-4.1-nano": "0.025",
+    "o1": "7.5",
+    "o1-mini": "0.55",
+    "o3": "0.5",
+    "o3-mini": "0.55",
+    "o4-mini": "0.275",
+    "claude-3-opus": "1.5",
+    "claude-3-5-sonnet": "0.3",
+    "claude-3-7-sonnet": "0.3",
+    "claude-sonnet-4": "0.3",
+    "claude-opus-4": "1.5",
+    "claude-3-haiku": "0.03",
+    "claude-3-5-haiku": "0.08",
+}
+
 # Other names the providers serve the same model (at the same price) under.
 BUILTIN_ALIASES: Mapping[str, Sequence[str]] = {
     "gpt-4-turbo": ("gpt-4-turbo-preview", "gpt-4-1106-preview", "gpt-4-0125-preview"),
@@ -134,16 +178,21 @@ class PriceTable:
     @classmethod
     def builtin(cls) -> PriceTable:
         prices = {
-            m: Price(Decimal(i), Decimal(o), BUILTIN_OUTPUT_CAPS.get(m))
+            m: Price(
+                Decimal(i),
+                Decimal(o),
+                BUILTIN_OUTPUT_CAPS.get(m),
+                cached_input_per_mtok=_optional(BUILTIN_CACHED_INPUT.get(m)),
+            )
             for m, (i, o) in BUILTIN_PRICES.items()
         }
         return cls(prices, BUILTIN_ALIASES)
 
     @classmethod
     def load(cls, path: str | Path) -> PriceTable:
-        """A YAML or JSON mapping:
-        `model: {input: <USD/1M>, output: <USD/1M>, max_output_tokens: N, aliases: [names]}`
-        (max_output_tokens and aliases optional).
+        """A YAML or JSON mapping: `model: {input: <USD/1M>, output: <USD/1M>,
+        cached_input: <USD/1M>, reasoning_output: <USD/1M>, max_output_tokens: N,
+        aliases: [names]}` (all but input and output optional).
         """
         text = Path(path).read_text()
         raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
@@ -159,9 +208,16 @@ class PriceTable:
                 raise ValueError(
                     f"price table {path}: {model!r} max_output_tokens must be a whole number"
                 )
-            price = Price(_decimal(entry["input"]), _decimal(entry["output"]), cap)
-            if price.input_per_mtok < 0 or price.output_per_mtok < 0:
-                raise ValueError(f"price table {path}: {model!r} has a negative price")
+            try:
+                price = Price(
+                    _price(entry["input"], "input"),
+                    _price(entry["output"], "output"),
+                    cap,
+                    cached_input_per_mtok=_optional_price(entry, "cached_input"),
+                    reasoning_output_per_mtok=_optional_price(entry, "reasoning_output"),
+                )
+            except ValueError as exc:
+                raise ValueError(f"price table {path}: {model!r} {exc}") from None
             prices[str(model)] = price
             names = entry.get("aliases", [])
             if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
@@ -187,10 +243,13 @@ class PriceTable:
         return DEFAULT_ENTRY if DEFAULT_ENTRY in self._prices else None
 
     def ceiling(self) -> Price:
-        """The highest input and the highest output price of the table: what a request
-        whose model cannot be read may cost at most."""
+        """The highest input and the highest output price of the table, cached and
+        reasoning prices included: what a request whose model cannot be read may cost at
+        most."""
         prices = list(self._prices.values())
-        return Price(max(p.input_per_mtok for p in prices), max(p.output_per_mtok for p in prices))
+        return Price(
+            max(p.max_input_per_mtok for p in prices), max(p.max_output_per_mtok for p in prices)
+        )
 
     def family(self, model: str) -> str:
         """The entry a per-model limit on a key may name for `model`: a dated snapshot's
@@ -209,16 +268,38 @@ class PriceTable:
         entry = self.entry(model)
         return "other" if entry is None or entry == DEFAULT_ENTRY else entry
 
-    def cost_nanos(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
+    def cost_nanos(
+        self,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        cached_tokens: int = 0,
+        reasoning_tokens: int = 0,
+    ) -> int:
+        """Nano-USD, rounded half-even. `cached_tokens` are of the prompt tokens and
+        `reasoning_tokens` of the completion tokens: each is clamped to 0..its total, so an
+        inconsistent count still prices every token once."""
         price = self.lookup(model)
         if price is None:
             raise InvalidArgument(
                 f"no price for model {_shown(model)}: send cost, or add it (or a 'default' "
                 "entry) to the price table"
             )
-        nanos = (
-            prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok
-        ) * _NANOS_PER_USD_PER_MTOK
+        cached = min(max(cached_tokens, 0), max(prompt_tokens, 0))
+        reasoning = min(max(reasoning_tokens, 0), max(completion_tokens, 0))
+        cached_price = price.cached_input_per_mtok
+        reasoning_price = price.reasoning_output_per_mtok
+        usd_mtok = (prompt_tokens - cached) * price.input_per_mtok + (
+            completion_tokens - reasoning
+        ) * price.output_per_mtok
+        if cached:
+            usd_mtok += cached * (price.input_per_mtok if cached_price is None else cached_price)
+        if reasoning:
+            usd_mtok += reasoning * (
+                price.output_per_mtok if reasoning_price is None else reasoning_price
+            )
+        nanos = usd_mtok * _NANOS_PER_USD_PER_MTOK
         return int(nanos.to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
@@ -227,6 +308,26 @@ def _shown(model: str) -> str:
     if len(model) <= _SHOWN_MODEL_CHARS:
         return repr(model)
     return repr(model[:_SHOWN_MODEL_CHARS]) + "..."
+
+
+def _optional(value: str | None) -> Decimal | None:
+    return None if value is None else Decimal(value)
+
+
+def _price(value: object, field: str) -> Decimal:
+    try:
+        number = _decimal(value)
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}") from None
+    if number < 0:
+        raise ValueError(f"{field}: price {value!r} is negative")
+    return number
+
+
+def _optional_price(entry: Mapping[object, object], field: str) -> Decimal | None:
+    """An optional price field: absent or null is None (the plain price applies)."""
+    value = entry.get(field)
+    return None if value is None else _price(value, field)
 
 
 def _decimal(value: object) -> Decimal:

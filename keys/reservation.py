@@ -2,6 +2,10 @@
 
     reserve = prompt_bound * input price + output_bound * output price
 
+where the input price is the higher of the model's input and cached-input prices and the
+output price the higher of its output and reasoning prices (Price.max_input_per_mtok,
+Price.max_output_per_mtok): the body does not say which tokens will be cached or reasoned.
+
 - output_bound = `max_completion_tokens` / `max_tokens` / `max_output_tokens` (the
   largest the body names), else the price table's output cap for the model, else
   EXTAUTHZ_RESERVE_OUTPUT_TOKENS; times `n` (choices).
@@ -56,12 +60,12 @@ FREE = Estimate(0, priced=True)
 
 @lru_cache(maxsize=1024)
 def _pico_per_token(price: Price) -> tuple[int, int]:
-    """(input, output) in pico-USD per token, rounded up: integer arithmetic on the hot
-    path, and never below the price (USD per 1M tokens x 1e6 = pico-USD per token)."""
+    """(input, output) bounds in pico-USD per token, rounded up: integer arithmetic on the
+    hot path, and never below the price (USD per 1M tokens x 1e6 = pico-USD per token)."""
     scale = Decimal(1_000_000)
     return (
-        int((price.input_per_mtok * scale).to_integral_value(rounding=ROUND_CEILING)),
-        int((price.output_per_mtok * scale).to_integral_value(rounding=ROUND_CEILING)),
+        int((price.max_input_per_mtok * scale).to_integral_value(rounding=ROUND_CEILING)),
+        int((price.max_output_per_mtok * scale).to_integral_value(rounding=ROUND_CEILING)),
     )
 
 

@@ -125,6 +125,23 @@ def test_usage_after_one_completion(envoy: Envoy, server: Server) -> None:
     assert usage["key_ids"] == [key_id]
 
 
+def test_a_usage_report_over_rest_prices_its_cached_tokens(envoy: Envoy, server: Server) -> None:
+    key_id = create(envoy, server)["key_data"]["id"]
+    report = {
+        "key_id": key_id,
+        "request_id": "rest-cached-1",
+        "model": "gpt-4o",
+        "prompt_tokens": 1000,
+        "cached_tokens": 800,
+        "completion_tokens": 100,
+        "reasoning_tokens": 60,
+    }
+    reply = api(envoy, "POST", "/api/usage", server.admin_token, report)
+    assert reply.status == 200, reply.body
+    # gpt-4o: 200 x $2.5 + 800 x $1.25 (cached) + 100 x $10 per 1M tokens = $0.0025
+    assert reply.json()["cost"] == pytest.approx(0.0025, abs=1e-12)
+
+
 def test_another_users_key_is_404(envoy: Envoy, server: Server) -> None:
     key_id = create(envoy, server)["key_data"]["id"]
     assert api(envoy, "GET", f"/api/keys/{key_id}", server.admin_token).status == 200

@@ -946,6 +946,8 @@ report_fields = st.fixed_dictionaries(
         "provider": mostly(st.sampled_from(["openai", "azure"]), hostile_texts),
         "total_tokens": mostly(st.just(0), token_counts),  # 0: their sum
         "cost": costs,
+        "cached_tokens": token_counts,  # clamped to prompt_tokens when priced
+        "reasoning_tokens": token_counts,  # clamped to completion_tokens
     },
 )
 
@@ -980,7 +982,8 @@ def test_report_usage_with_hostile_fields_charges_nothing_unless_ok(
     event(code.name)
     prompt, completion = fields["prompt_tokens"], fields["completion_tokens"]
     total = fields.get("total_tokens") or prompt + completion
-    if min(prompt, completion, total) < 0 or max(prompt, completion, total) > INT64_MAX:
+    parts = (fields.get("cached_tokens", 0), fields.get("reasoning_tokens", 0))
+    if min(prompt, completion, total, *parts) < 0 or max(prompt, completion, total) > INT64_MAX:
         assert code is grpc.StatusCode.INVALID_ARGUMENT  # rejected, never wrapped
     after = clients.get_key(data.id)
     if code is not grpc.StatusCode.OK or key_id != data.id:

@@ -24,6 +24,24 @@ def test_cost_is_computed_from_the_price_table(clients: Clients) -> None:
     assert reply.total_tokens == 1500 and not reply.duplicate
 
 
+def test_cached_prompt_tokens_are_charged_at_the_cached_price(clients: Clients) -> None:
+    _, data = clients.create_key(max_budget=10)
+    # gpt-4o: $2.5 input, $1.25 cached, $10 output per 1M tokens; reasoning bills as output
+    reply = clients.report(
+        data.id,
+        "r1",
+        model="gpt-4o",
+        prompt_tokens=1000,
+        completion_tokens=100,
+        cached_tokens=800,
+        reasoning_tokens=60,
+    )
+    # 200 * 2.5e-6 + 800 * 1.25e-6 + 100 * 10e-6 = $0.0025
+    assert reply.cost == pytest.approx(0.0025, abs=1e-12)
+    assert clients.get_key(data.id).spent == pytest.approx(0.0025, abs=1e-12)
+    assert reply.total_tokens == 1100
+
+
 def test_given_cost_is_charged_as_sent(clients: Clients) -> None:
     _, data = clients.create_key()
     reply = clients.report(data.id, "r1", model="my-local-llm", cost=0.25, prompt_tokens=3)
@@ -59,6 +77,8 @@ def test_unknown_key_is_not_found(clients: Clients) -> None:
     [
         ({"request_id": ""}, "request_id is required"),
         ({"prompt_tokens": -1}, "prompt_tokens"),
+        ({"prompt_tokens": 10, "cached_tokens": -1}, "cached_tokens"),
+        ({"completion_tokens": 10, "reasoning_tokens": -1}, "reasoning_tokens"),
         ({"cost": -0.01}, "cost"),
         ({"cost": float("inf")}, "cost"),
         ({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 3}, "total_tokens"),

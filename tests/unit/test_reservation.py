@@ -106,3 +106,38 @@ def test_a_unicode_digit_is_no_number() -> None:
 def test_a_cost_field_in_another_case_bounds_nothing(field: str) -> None:
     """A Go upstream reads `MAX_TOKENS` as max_tokens: read two ways, nothing is bounded."""
     assert output_part({"model": "m", "max_tokens": 10, field: 16000}) == 10_000 * 128
+
+
+def test_the_reservation_bounds_a_reasoning_price_above_the_output_price() -> None:
+    """The body cannot say how many output tokens will be reasoning: each may be."""
+    table = PriceTable({"m": Price(Decimal("0.001"), Decimal("0.01"), None, None, Decimal("0.03"))})
+    model = requested_model(json.dumps({"model": "m", "max_tokens": 10}).encode(), JSON)
+    got = estimate(table, model, 4096)
+    assert got.amount_nanos - got.prompt_nanos == 300
+    assert got.max_tokens_within(got.prompt_nanos + 300) == 10
+
+
+def test_the_reservation_bounds_a_cached_price_above_the_input_price() -> None:
+    """A table may price cached tokens above input: every prompt token may be one."""
+    table = PriceTable({"m": Price(Decimal("0.001"), Decimal("0.01"), None, Decimal("0.002"))})
+    body = json.dumps({"model": "m", "max_tokens": 1}).encode()
+    assert estimate(table, requested_model(body, JSON), 4096).prompt_nanos == 2 * len(body)
+
+
+def test_cheaper_cached_and_reasoning_prices_leave_the_reservation_as_it_was() -> None:
+    cheaper = PriceTable(
+        {"m": Price(Decimal("0.001"), Decimal("0.01"), 1000, Decimal("0.0001"), Decimal("0.005"))}
+    )
+    body = {"model": "m", "max_tokens": 7}
+    assert reserve(body, prices=cheaper) == reserve(body)
+
+
+def test_an_unreadable_body_is_reserved_at_the_highest_reasoning_price() -> None:
+    table = PriceTable(
+        {
+            "m": Price(Decimal("0.001"), Decimal("0.01"), None, None, Decimal("0.05")),
+            "default": Price(Decimal("0.003"), Decimal("0.04")),
+        }
+    )
+    got = estimate(table, requested_model(b"x" * 100, JSON), 4096)
+    assert got.amount_nanos == 100 * 3 + 4096 * 50 * 128
