@@ -446,7 +446,13 @@ class UsageTap:
         self, exchange: _Exchange, usage: MeteredUsage, model: str, basis: str
     ) -> None:
         try:
-            cost = self.prices.cost_nanos(model, usage.prompt_tokens, usage.completion_tokens)
+            cost = self.prices.cost_nanos(
+                model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
+            )
         except InvalidArgument:
             self._failed("model_not_priced", exchange)
             return
