@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -263,9 +265,37 @@ ENVOY_PORTS = {"listener": 10000, "extauthz": 9191, "upstream": 8000, "admin": 9
 ENVOY_DESCRIPTOR = "keys/v1/keys.pb"
 
 
-def render_envoy_config(ports: Mapping[str, int], template: Path = ROOT / "envoy.yaml") -> str:
+TAP_FILTER = "envoy.filters.http.ext_proc"
+AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+
+
+def without_tap(text: str) -> str:
+    """An envoy.yaml without the usage tap: no ext_proc filter, and no route telling Check
+    that a tap runs (so no clamping). What a deployment that meters only through
+    ReportUsage runs; the tests of reservations held by an unreporting upstream use it."""
+    config = yaml.safe_load(text)
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                manager = network_filter["typed_config"]
+                manager["http_filters"] = [
+                    f for f in manager["http_filters"] if f["name"] != TAP_FILTER
+                ]
+                for host in manager["route_config"]["virtual_hosts"]:
+                    for route in host["routes"]:
+                        per_route = route.get("typed_per_filter_config", {})
+                        per_route.pop(TAP_FILTER, None)
+                        if "check_settings" in per_route.get(AUTHZ_FILTER, {}):
+                            del per_route[AUTHZ_FILTER]
+    return str(yaml.safe_dump(config, sort_keys=False))
+
+
+def render_envoy_config(
+    ports: Mapping[str, int], template: Path = ROOT / "envoy.yaml", *, tap: bool = True
+) -> str:
     """envoy.yaml with `ports` in place of the defaults and the descriptor path made absolute
-    (under ROOT), so the Envoy it configures may run from any working directory."""
+    (under ROOT), so the Envoy it configures may run from any working directory; with
+    `tap=False`, without the usage tap (`without_tap`)."""
     text = template.read_text()
     for name, default in ENVOY_PORTS.items():
         text = text.replace(f"port_value: {default} ", f"port_value: {ports[name]} ")
@@ -276,7 +306,7 @@ def render_envoy_config(ports: Mapping[str, int], template: Path = ROOT / "envoy
             raise FileNotFoundError(f"{descriptor} is missing; run `make protos`")
         # A JSON string is a YAML double-quoted scalar: safe for any path.
         text = text.replace(relative, f"proto_descriptor: {json.dumps(str(descriptor))}")
-    return text
+    return text if tap else without_tap(text)
 
 
 def start_envoy(config_path: Path, listener_port: int, log_path: Path) -> Process:

@@ -114,7 +114,7 @@ class Envoy:
         return 0
 
 
-def start_envoy(grpc_port: int, upstream_port: int, work_dir: Path) -> Envoy:
+def start_envoy(grpc_port: int, upstream_port: int, work_dir: Path, *, tap: bool = True) -> Envoy:
     ports = {
         "listener": p.free_port(),
         "extauthz": grpc_port,
@@ -122,7 +122,7 @@ def start_envoy(grpc_port: int, upstream_port: int, work_dir: Path) -> Envoy:
         "admin": p.free_port(),
     }
     config = work_dir / f"envoy-{ports['listener']}.yaml"
-    config.write_text(p.render_envoy_config(ports))
+    config.write_text(p.render_envoy_config(ports, tap=tap))
     process = p.start_envoy(config, ports["listener"], work_dir / f"envoy-{ports['listener']}.log")
     return Envoy(ports["listener"], process, ports["admin"])
 

@@ -254,8 +254,10 @@ def test_a_reservation_the_budget_cannot_hold_is_402_before_anything_is_spent(
     envoy: Envoy, clients: Clients
 ) -> None:
     """gpt-4: $60/M output, $30/M input; 100 max_tokens and a 92-byte body reserve
-    $0.00876, so a $0.01 budget holds one such request in flight, not two."""
-    key, _ = clients.create_key(max_budget=0.01)
+    $0.00876. The first is charged $0.00606 (2 + 100 tokens), which leaves $0.00344 of
+    $0.0095: not the second's reservation, and after its prompt bound not even the 16
+    tokens a clamp would leave it (test_usage_tap.py clamps)."""
+    key, _ = clients.create_key(max_budget=0.0095)
     auth = {"authorization": f"Bearer {key}"}
     assert post(envoy, auth, chat_body(max_tokens=100)).status == 200
     error = assert_denied(post(envoy, auth, chat_body(max_tokens=100)), 402, "budget_exceeded")

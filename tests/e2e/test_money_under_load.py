@@ -1,7 +1,8 @@
 """The money path under load, through real Envoy and real servers on one Redis: 200
 requests at once against a $1 key budget and a $1 team budget (5 keys, 2 replicas), and
 concurrency slots that a dead reporter cannot keep past the TTL. (The same team test runs
-on Redis Cluster in tests/integration/test_redis_cluster.py.)"""
+on Redis Cluster in tests/integration/test_redis_cluster.py.) Envoy runs without the usage
+tap here: these tests decide when (and whether) usage is reported."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def holding() -> Iterator[HoldingUpstream]:
 def proxy(
     server: Server, holding: HoldingUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Envoy]:
-    envoy = start_envoy(server.grpc_port, holding.port, tmp_path_factory.mktemp("envoy-load"))
+    work = tmp_path_factory.mktemp("envoy-load")
+    envoy = start_envoy(server.grpc_port, holding.port, work, tap=False)
     fetch(envoy.port, "GET", "/healthz")  # opens Envoy's connection to the server first
     yield envoy
     envoy.process.stop()
@@ -130,7 +132,7 @@ def replicas(
     second = start_server(
         redis_url, work, admin_token=server.admin_token, usage_token=server.usage_token
     )
-    envoys = [start_envoy(s.grpc_port, holding.port, work) for s in (server, second)]
+    envoys = [start_envoy(s.grpc_port, holding.port, work, tap=False) for s in (server, second)]
     for envoy in envoys:
         fetch(envoy.port, "GET", "/healthz")
     yield envoys

@@ -45,6 +45,7 @@ COUNTERS = {
     "extauthz_reserved_usd_total",
     "extauthz_shadow_denials_total",
     "extauthz_tap_unmetered_total",
+    "extauthz_tap_responses_total",
 }
 HISTOGRAMS = {"extauthz_check_duration_seconds", "extauthz_redis_latency_seconds"}
 GAUGES = {"extauthz_usage_journal_depth", "extauthz_redis_up"}
@@ -438,6 +439,7 @@ def test_sidecar_envoy_keeps_every_edge_defence_of_envoy_yaml() -> None:
         "envoy.filters.http.header_mutation",
         "envoy.filters.http.ext_authz.key_first",
         "envoy.filters.http.ext_authz",
+        "envoy.filters.http.ext_proc",  # the usage tap
         "envoy.filters.http.router",
     ]
 

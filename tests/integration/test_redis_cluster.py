@@ -522,7 +522,7 @@ def sidecars(
     """Each cluster server behind its own Envoy, in front of an upstream that holds requests."""
     work = tmp_path_factory.mktemp("cluster-sidecars")
     holding = HoldingUpstream(free_port()).start()
-    envoys = [start_envoy(s.grpc_port, holding.port, work) for s in stack.servers]
+    envoys = [start_envoy(s.grpc_port, holding.port, work, tap=False) for s in stack.servers]
     for envoy in envoys:
         fetch(envoy.port, "GET", "/healthz")
     yield holding, envoys
