@@ -110,6 +110,21 @@ def _directives(message: ext_proc.ProcessingRequest) -> dict[str, str]:
     }
 
 
+READABLE_ENCODINGS: Final = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+
+
+def readable_encodings(accept: str | None) -> str | None:
+    """`accept-encoding` narrowed to the codings the meter inflates; None where it names
+    no other (left as the client sent it)."""
+    if accept is None:
+        return None
+    codings = [part.strip() for part in accept.split(",") if part.strip()]
+    kept = [c for c in codings if c.partition(";")[0].strip().lower() in READABLE_ENCODINGS]
+    if len(kept) == len(codings):
+        return None
+    return ", ".join(kept) or "identity"
+
+
 def _length(value: str) -> int:
     value = value.strip()
     return int(value) if value.isdigit() and len(value) <= 15 else 0
@@ -274,22 +289,31 @@ class UsageTap:
     def _request_headers(
         self, exchange: _Exchange, message: ext_proc.ProcessingRequest
     ) -> ext_proc.ProcessingResponse:
-        exchange.request(_headers(message.request_headers), _directives(message))
+        headers = _headers(message.request_headers)
+        exchange.request(headers, _directives(message))
         reply = ext_proc.ProcessingResponse(
             request_headers=ext_proc.HeadersResponse(response=_CONTINUE)
         )
         if not exchange.metered:
             exchange.done = True  # not a keyed request: nothing to meter
             reply.mode_override.CopyFrom(_SKIP_RESPONSE_BODY)
-        elif (exchange.add_usage or exchange.max_tokens) and not (
+            return reply
+        wants_body = (exchange.add_usage or exchange.max_tokens) and not (
             message.request_headers.end_of_stream
-        ):
+        )
+        if wants_body:
             reply.mode_override.CopyFrom(_READ_REQUEST_BODY)
-            if exchange.add_usage:
-                # the usage chunk is removed from plain text only: ask for no encoding
-                reply.request_headers.response.header_mutation.CopyFrom(
-                    _set_headers(("accept-encoding", "identity"))
-                )
+        # the usage chunk is cut from plain text only; anything else, in an encoding the
+        # meter can read (a client asking for br must not make its answers unreadable)
+        encoding = (
+            "identity"
+            if exchange.add_usage and wants_body
+            else readable_encodings(headers.get("accept-encoding"))
+        )
+        if encoding is not None:
+            reply.request_headers.response.header_mutation.CopyFrom(
+                _set_headers(("accept-encoding", encoding))
+            )
         return reply
 
     def _request_body(

@@ -1,18 +1,34 @@
 """The official `openai` Python SDK through real Envoy, as an application would use it:
-completions streamed and not, and each denial as the SDK exception an application handles."""
+completions streamed and not, and each denial as the SDK exception an application handles.
+The session's Envoy runs the usage tap (the shipped envoy.yaml); `untapped` is the same
+Envoy without it, for the same answers with and without."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import Envoy
-from tests.helpers import Clients
+from devstack.mock_upstream import MockUpstream
+from tests.conftest import Envoy, Server, start_envoy
+from tests.helpers import Clients, eventually
 
 pytestmark = pytest.mark.e2e
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 REPLY = "Hello from the mock."
+
+
+@pytest.fixture(scope="module")
+def untapped(
+    server: Server, upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Envoy]:
+    envoy = start_envoy(
+        server.grpc_port, upstream.port, tmp_path_factory.mktemp("untapped"), tap=False
+    )
+    yield envoy
+    envoy.process.stop()
 
 
 def client(envoy: Envoy, key: str) -> openai.OpenAI:
@@ -45,6 +61,32 @@ def test_a_streamed_completion_arrives_chunk_by_chunk(envoy: Envoy, clients: Cli
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == REPLY
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+
+
+def streamed_text(envoy: Envoy, key: str, **options: object) -> tuple[str, list[object]]:
+    stream = client(envoy, key).chat.completions.create(
+        model="gpt-4o",
+        messages=HELLO,
+        max_tokens=5,
+        stream=True,
+        **options,  # type: ignore[call-overload]
+    )
+    chunks = list(stream)
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+
+def test_a_stream_through_the_tap_reads_as_without_it(
+    envoy: Envoy, untapped: Envoy, clients: Clients
+) -> None:
+    """The tap asks the upstream for usage and takes the usage chunk back out: the SDK
+    sees the chunks it would see without the tap, and the key is charged."""
+    key, data = clients.create_key(max_budget=10)
+    tapped_text, tapped_chunks = streamed_text(envoy, key)
+    plain_text, plain_chunks = streamed_text(untapped, key)
+    assert tapped_text == plain_text == REPLY
+    assert len(tapped_chunks) == len(plain_chunks)
+    assert all(c.choices and c.usage is None for c in tapped_chunks)  # type: ignore[attr-defined]
+    assert eventually(lambda: clients.get_key(data.id).spent > 0)
 
 
 def test_a_bad_key_is_an_authentication_error(envoy: Envoy) -> None:

@@ -13,6 +13,7 @@ import math
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -409,3 +410,36 @@ def test_a_request_the_budget_covers_is_not_clamped(
     reply = post(tapped, key, max_tokens=100)
     assert "x-virtual-key-max-tokens-clamped" not in reply.headers
     assert "x-virtual-key-max-tokens" not in seen_by(silent, data.id).headers
+
+
+def test_40_clamped_requests_at_once_never_spend_past_the_budget(
+    tapped: Envoy, clients: Clients
+) -> None:
+    """Each clamp is a fresh atomic Check for what is free at that moment: however the
+    40 interleave, what they are charged stays within the $0.05."""
+    key, data = clients.create_key(max_budget=0.05, rpm_limit=0, tpm_limit=0)
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        replies = list(pool.map(lambda _: post(tapped, key, max_tokens=4096), range(40)))
+    assert {r.status for r in replies} <= {200, 402}
+    clamped = [r for r in replies if "x-virtual-key-max-tokens-clamped" in r.headers]
+    assert clamped, "some were clamped rather than refused"
+    assert all(int(r.headers["x-virtual-key-max-tokens-clamped"]) >= 16 for r in clamped)
+    assert eventually(lambda: settled(clients, data.id))
+    ok = [r for r in replies if r.status == 200]
+    spent = sum(
+        PRICES.cost_nanos(
+            "gpt-4o", r.json()["usage"]["prompt_tokens"], r.json()["usage"]["completion_tokens"]
+        )
+        for r in ok
+    )
+    assert charged(clients, data.id) == spent <= 50_000_000
+
+
+def test_a_client_asking_for_brotli_gets_an_answer_the_tap_can_read(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    """Else a client could make its answers unreadable, and be charged by their size."""
+    key, data = clients.create_key(max_budget=10)
+    post(tapped, key, headers={"accept-encoding": "br, gzip"}, max_tokens=3)
+    assert seen_by(silent, data.id).headers["accept-encoding"] == "gzip"
+    assert eventually(lambda: charged(clients, data.id) == PRICES.cost_nanos("gpt-4o", PROMPT, 3))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from extauthz import wire
@@ -50,3 +51,19 @@ def test_long_values_use_multi_byte_lengths() -> None:
 def test_empty_allow_is_a_bare_ok() -> None:
     parsed = external_auth_pb2.CheckResponse.FromString(wire.ok_check_response([], [], []))
     assert parsed.status.code == 0 and parsed.HasField("ok_response")
+
+
+def test_dynamic_metadata_parses_back_as_the_struct_the_tap_reads() -> None:
+    entries = [("model", "gpt-4o"), ("stream_usage", "add"), ("max_tokens", "40")]
+    parsed = external_auth_pb2.CheckResponse.FromString(
+        wire.ok_check_response([("x-virtual-key-id", "0123456789abcdef")], [], [], metadata=entries)
+    )
+    assert dict(parsed.dynamic_metadata.fields.items()) == {
+        name: struct_pb2.Value(string_value=value) for name, value in entries
+    }
+    assert parsed.ok_response.headers[0].header.key == "x-virtual-key-id"
+
+
+def test_an_allow_without_metadata_carries_no_metadata_field() -> None:
+    parsed = external_auth_pb2.CheckResponse.FromString(wire.ok_check_response([], [], []))
+    assert not parsed.HasField("dynamic_metadata")
