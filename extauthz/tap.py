@@ -294,8 +294,10 @@ class UsageTap:
         reply = ext_proc.ProcessingResponse(
             request_headers=ext_proc.HeadersResponse(response=_CONTINUE)
         )
-        if not exchange.metered:
-            exchange.done = True  # not a keyed request: nothing to meter
+        if not exchange.metered or message.request_headers.end_of_stream:
+            # not a keyed request, or one without a body (GET /v1/models: Check opened no
+            # reservation for it, and it generates nothing): nothing to meter
+            exchange.done = True
             reply.mode_override.CopyFrom(_SKIP_RESPONSE_BODY)
             return reply
         wants_body = (exchange.add_usage or exchange.max_tokens) and not (

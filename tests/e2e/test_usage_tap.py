@@ -94,11 +94,14 @@ def without_usage_chunk(stream: bytes) -> bytes:
     return b"\n\n".join(kept)
 
 
-def unmetered(server: Server, reason: str) -> float:
-    series = f'extauthz_tap_unmetered_total{{reason="{reason}"}}'
+def counter(server: Server, series: str) -> float:
     text = fetch(server.http_port, "GET", "/metrics").body.decode()
     line = next((ln for ln in text.splitlines() if ln.startswith(series)), "")
     return float(line.split()[-1]) if line else 0.0
+
+
+def unmetered(server: Server, reason: str) -> float:
+    return counter(server, f'extauthz_tap_unmetered_total{{reason="{reason}"}}')
 
 
 # --- responses that carry usage --------------------------------------------------------
@@ -443,3 +446,17 @@ def test_a_client_asking_for_brotli_gets_an_answer_the_tap_can_read(
     post(tapped, key, headers={"accept-encoding": "br, gzip"}, max_tokens=3)
     assert seen_by(silent, data.id).headers["accept-encoding"] == "gzip"
     assert eventually(lambda: charged(clients, data.id) == PRICES.cost_nanos("gpt-4o", PROMPT, 3))
+
+
+def test_a_request_without_a_body_is_not_metered(
+    tapped: Envoy, server: Server, clients: Clients
+) -> None:
+    """GET /v1/models generates nothing, and Check opened no reservation for it."""
+    key, data = clients.create_key(max_budget=10)
+    series = 'extauthz_tap_responses_total{basis="released"}'
+    before = counter(server, series)
+    reply = fetch(tapped.port, "GET", "/v1/models", {"authorization": f"Bearer {key}"})
+    assert reply.status == 200
+    time.sleep(0.2)
+    assert counter(server, series) == before
+    assert charged(clients, data.id) == 0
