@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from collections.abc import Sequence
 from dataclasses import astuple
 from typing import NamedTuple
 
@@ -18,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extauthz.usage_meter import MAX_TOKENS, Metered, MeteredUsage, ResponseMeter
+from extauthz.usage_meter import MAX_TOKENS, MeteredUsage
+from tests.unit.test_usage_meter import meter
 
 pytestmark = pytest.mark.unit
 
@@ -30,18 +30,6 @@ texts = st.text(UTF8, max_size=12)
 line_texts = st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=12)
 line_ends = st.sampled_from([b"\n", b"\r\n", b"\r"])
 counts = st.integers(0, 10**6)
-
-
-def meter(
-    body: bytes, content_type: str = SSE, encoding: str = "", cuts: Sequence[int] = ()
-) -> Metered:
-    m = ResponseMeter(content_type, encoding)
-    start = 0
-    for cut in sorted(cuts):
-        m.feed(body[start:cut])
-        start = cut
-    m.feed(body[start:])
-    return m.finish()
 
 
 def cuts_of(body: bytes) -> st.SearchStrategy[list[int]]:
