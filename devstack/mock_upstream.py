@@ -1,7 +1,9 @@
-"""A small OpenAI-compatible upstream that plays the load balancer of the integration
-guide's step 4: it answers with a `usage` object and reports it with ReportUsage, keyed by
-`x-virtual-key-id` and `x-virtual-key-request-id`, the id Check gave the request (never a
-client-chosen one such as `x-request-id`). Real load balancers must do the same.
+"""A small OpenAI-compatible upstream: it answers with a `usage` object, which the usage
+tap charges. With `reports=True` (the tests' default; `make run` turns it off) it also
+plays the load balancer of the integration guide's step 4 and reports that usage with
+ReportUsage, keyed by `x-virtual-key-id` and `x-virtual-key-request-id`, the id Check gave
+the request (never a client-chosen one such as `x-request-id`); the key is still charged
+once.
 
 Completion tokens are the request's output cap (`max_tokens`, `max_completion_tokens` or
 `max_output_tokens`, the smallest named; default 10); prompt tokens are about one per four
@@ -46,6 +48,7 @@ LOGGED_HEADERS = (
     "x-virtual-key-request-id",
     "x-virtual-key-unverified",
     "x-virtual-key-would-deny",
+    "x-virtual-key-max-tokens",
 )
 # A request may ask the mock to take this long to answer (0..60 s), to show requests in
 # flight (max_parallel_requests) with curl.

@@ -369,7 +369,11 @@ class UsageTap:
         reply = ext_proc.ProcessingResponse(
             response_headers=ext_proc.HeadersResponse(response=_CONTINUE)
         )
-        if exchange.done:
+        if exchange.done or not exchange.metered:
+            # nothing to meter: a request Envoy refused before the tap saw it (ext_authz's
+            # denial reaches every filter's response path), or one it skipped
+            exchange.done = True
+            reply.mode_override.CopyFrom(_SKIP_RESPONSE_BODY)
             return reply
         exchange.response(_headers(headers))
         if exchange.clamped:
@@ -437,8 +441,7 @@ class UsageTap:
             },
         )
         if usage is None:
-            reason = "cut" if cut else metered.unmetered or "no_usage"
-            self.metrics.tap_unmetered.labels(reason).inc()
+            self.metrics.tap_unmetered.labels(self._unmetered_reason(exchange, metered, cut)).inc()
             if not self._produced(exchange, metered, cut):
                 self.metrics.tap_responses.labels("released").inc()
                 await self._release(exchange)
@@ -447,6 +450,14 @@ class UsageTap:
         basis = "usage" if metered.usage is not None else "estimate"
         model = metered.model if self._priced(metered.model) else exchange.model
         await self._charge(exchange, usage, model, basis)
+
+    @staticmethod
+    def _unmetered_reason(exchange: _Exchange, metered: Metered, cut: bool) -> str:
+        if cut:
+            return "cut"
+        if exchange.status >= 400:
+            return "upstream_error"
+        return metered.unmetered or "no_usage"
 
     @staticmethod
     def _produced(exchange: _Exchange, metered: Metered, cut: bool) -> bool:

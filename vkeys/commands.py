@@ -315,7 +315,7 @@ def limit_options(parser: argparse.ArgumentParser) -> None:
         dest="enforce",
         action="store_false",
         default=None,
-        help="shadow mode: count everything, deny nothing",
+        help="shadow mode: count everything, deny nothing the key's own limits would deny",
     )
     shadow.add_argument("--enforce", dest="enforce", action="store_true", help="leave shadow mode")
 

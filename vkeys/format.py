@@ -87,7 +87,7 @@ def key_details(data: keys_pb2.KeyData) -> str:
         ("rpm_limit", limit(data.rpm_limit)),
         ("max_parallel_requests", limit(data.max_parallel_requests)),
         ("model_limits", model_limits(data.model_limits)),
-        ("enforce", "true" if data.enforce else "false (shadow mode: nothing is denied)"),
+        ("enforce", "true" if data.enforce else "false (shadow mode: its own limits deny nothing)"),
         ("total_requests", f"{data.total_requests:,}"),
         ("last_used", when(data.last_used)),
         ("metadata", ", ".join(f"{k}={v}" for k, v in sorted(data.metadata.items())) or "-"),

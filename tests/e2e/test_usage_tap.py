@@ -341,11 +341,11 @@ def test_an_upstream_failure_gives_the_reservation_back(
     tapped: Envoy, server: Server, clients: Clients
 ) -> None:
     key, data = clients.create_key(max_budget=10, max_parallel_requests=1)
-    before = unmetered(server, "no_usage")
+    before = unmetered(server, "upstream_error")
     assert post(tapped, key, headers={"x-mock-status": "500"}).status == 500
     assert eventually(lambda: settled(clients, data.id))
     assert charged(clients, data.id) == 0
-    assert unmetered(server, "no_usage") == before + 1
+    assert unmetered(server, "upstream_error") == before + 1
     assert post(tapped, key, max_tokens=3).status == 200  # the slot is free
 
 
@@ -460,3 +460,15 @@ def test_a_request_without_a_body_is_not_metered(
     time.sleep(0.2)
     assert counter(server, series) == before
     assert charged(clients, data.id) == 0
+
+
+def test_a_request_check_refused_is_not_counted_by_the_tap(
+    tapped: Envoy, server: Server, clients: Clients
+) -> None:
+    """ext_authz's 401 passes through the tap's response path; it is no response of an
+    allowed request, so nothing is released for it nor counted unmetered."""
+    released = 'extauthz_tap_responses_total{basis="released"}'
+    before = counter(server, released), unmetered(server, "no_usage")
+    assert post(tapped, "sk-mp-0000000000000000-" + "x" * 43).status == 401
+    time.sleep(0.2)
+    assert (counter(server, released), unmetered(server, "no_usage")) == before
