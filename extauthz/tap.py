@@ -154,7 +154,12 @@ def rewrite_request(body: bytes, path: str, *, add_usage: bool, max_tokens: int)
             document[name] = value if fits and value >= 0 else max_tokens
         if not present:
             document[_cap_field(path)] = max_tokens
-    return json.dumps(document, ensure_ascii=False).encode()
+    try:
+        return json.dumps(document, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # a lone surrogate (JSON allows "\ud800", and Check read it): not UTF-8, so
+        # written back as the escape it came as
+        return json.dumps(document).encode()
 
 
 def _cap_field(path: str) -> str:
@@ -319,9 +324,22 @@ class UsageTap:
     def _request_body(
         self, exchange: _Exchange, body: ext_proc.HttpBody
     ) -> ext_proc.ProcessingResponse:
-        rewritten = rewrite_request(
-            body.body, exchange.path, add_usage=exchange.add_usage, max_tokens=exchange.max_tokens
-        )
+        try:
+            rewritten = rewrite_request(
+                body.body,
+                exchange.path,
+                add_usage=exchange.add_usage,
+                max_tokens=exchange.max_tokens,
+            )
+        except Exception as error:
+            # a tap that raised here would let Envoy (failure_mode_allow) forward the body
+            # unchanged: unclamped, and with no usage chunk asked for. (The error's type
+            # only: its text may quote the prompt.)
+            log.error(
+                "tap could not rewrite a request",
+                extra={"key_id": exchange.key_id, "error": type(error).__name__},
+            )
+            rewritten = None
         if rewritten is None:
             exchange.add_usage = False
             self.metrics.tap_unmetered.labels("request_unreadable").inc()

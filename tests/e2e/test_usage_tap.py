@@ -443,3 +443,46 @@ def test_a_client_asking_for_brotli_gets_an_answer_the_tap_can_read(
     post(tapped, key, headers={"accept-encoding": "br, gzip"}, max_tokens=3)
     assert seen_by(silent, data.id).headers["accept-encoding"] == "gzip"
     assert eventually(lambda: charged(clients, data.id) == PRICES.cost_nanos("gpt-4o", PROMPT, 3))
+
+
+# --- bodies that must not slip past the tap ---------------------------------------------
+
+# JSON allows a lone surrogate ("\ud800"); Check reads it. The tap once raised writing it
+# back as UTF-8, and Envoy (failure_mode_allow) then forwarded the body as sent: unclamped,
+# its usage chunk never asked for, the answer charged as if cut before it began.
+LONE_SURROGATE = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi \\ud800"}],'
+
+
+def test_a_lone_surrogate_does_not_unclamp_a_request(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=0.0005)
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    reply = fetch(tapped.port, "POST", CHAT, headers, LONE_SURROGATE + b'"max_tokens":4096}')
+    assert reply.status == 200
+    clamped = int(reply.headers["x-virtual-key-max-tokens-clamped"])
+    assert json.loads(seen_by(silent, data.id).body)["max_tokens"] == clamped < 4096
+    usage = reply.json()["usage"]
+    cost = PRICES.cost_nanos("gpt-4o", usage["prompt_tokens"], usage["completion_tokens"])
+    assert eventually(lambda: charged(clients, data.id) == cost)
+    assert cost <= 500_000  # within the budget
+
+
+def test_a_lone_surrogate_stream_is_charged_its_usage(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    body = LONE_SURROGATE + b'"max_tokens":2000,"stream":true}'
+    reply = fetch(tapped.port, "POST", CHAT, headers, body)
+    upstream = seen_by(silent, data.id)
+    assert json.loads(upstream.body)["stream_options"] == {"include_usage": True}
+    assert reply.body == without_usage_chunk(upstream.sent)
+    usage = json.loads(_usage_chunk(upstream.sent))["usage"]
+    cost = PRICES.cost_nanos("gpt-4o", usage["prompt_tokens"], 2000)
+    assert eventually(lambda: charged(clients, data.id) == cost)
+
+
+def _usage_chunk(stream: bytes) -> bytes:
+    event = next(e for e in stream.split(b"\n\n") if b'"usage": {' in e)
+    return event.removeprefix(b"data: ")

@@ -108,6 +108,19 @@ def test_repeated_keys_rewrite_to_the_one_check_read() -> None:
     assert out is not None and json.loads(out) == {"model": "gpt-4o", "max_tokens": 40}
 
 
+def test_a_lone_surrogate_is_rewritten_as_its_escape() -> None:
+    """JSON allows "\\ud800" and Check reads it; a rewrite that raised would let Envoy
+    (failure_mode_allow) forward the request unclamped, its usage chunk never asked for."""
+    body = b'{"model":"gpt-4o","messages":[{"content":"Hi \\ud800 \xc3\xa9"}],"stream":true}'
+    out = rewrite_request(body, "/v1/chat/completions", add_usage=True, max_tokens=40)
+    assert out is not None
+    assert json.loads(out) == {
+        **json.loads(body),
+        "stream_options": {"include_usage": True},
+        "max_tokens": 40,
+    }
+
+
 @pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b"", b"\xff\xfe"])
 def test_a_body_that_is_not_a_json_object_is_not_rewritten(body: bytes) -> None:
     assert rewrite_request(body, "/v1/chat/completions", add_usage=True, max_tokens=40) is None
