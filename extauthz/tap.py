@@ -214,7 +214,11 @@ class _Exchange:
         self.key_id = key_id if keygen.is_key_id(key_id) else ""
         self.request_id = headers.get(REQUEST_ID_HEADER, "")
         self.path = headers.get(":path", "")
-        self.request_bytes = _length(headers.get("content-length", ""))
+        # the body's size as Check read it: a chunked or HTTP/2 request may declare none
+        self.request_bytes = max(
+            _length(headers.get("content-length", "")),
+            _length(directives.get(tap_directives.REQUEST_BYTES, "")),
+        )
         self.add_usage = directives.get(tap_directives.STREAM_USAGE) == tap_directives.ADD
         self.max_tokens = _length(directives.get(tap_directives.MAX_TOKENS, ""))
         self.model = directives.get(tap_directives.MODEL, "")
@@ -324,6 +328,7 @@ class UsageTap:
     def _request_body(
         self, exchange: _Exchange, body: ext_proc.HttpBody
     ) -> ext_proc.ProcessingResponse:
+        exchange.request_bytes = max(exchange.request_bytes, len(body.body))
         try:
             rewritten = rewrite_request(
                 body.body,

@@ -486,3 +486,24 @@ def test_a_lone_surrogate_stream_is_charged_its_usage(
 def _usage_chunk(stream: bytes) -> bytes:
     event = next(e for e in stream.split(b"\n\n") if b'"usage": {' in e)
     return event.removeprefix(b"data: ")
+
+
+def test_a_cut_request_sent_without_a_content_length_is_charged_its_prompt(
+    tapped: Envoy, clients: Clients
+) -> None:
+    """A chunked (or HTTP/2) body declares no length: the estimate's prompt is the body
+    Check read, not 0 (which charged a 48 KB prompt as nothing)."""
+    key, data = clients.create_key(max_budget=10, tpm_limit=0)
+    messages = [{"role": "user", "content": "hello " * 8000}]
+    body = json.dumps({"model": "gpt-4o", "messages": messages, "stream": True}).encode()
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
+        "content-type: application/json\r\ntransfer-encoding: chunked\r\n"
+        "x-mock-cut-after-events: 2\r\nconnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", tapped.port), timeout=10) as conn:
+        conn.sendall(request + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+        while conn.recv(65536):
+            pass
+    assert eventually(lambda: settled(clients, data.id))
+    assert charged(clients, data.id) >= PRICES.cost_nanos("gpt-4o", math.ceil(len(body) / 4), 1)

@@ -64,6 +64,13 @@ def test_the_model_and_a_clamp_are_passed_on() -> None:
     assert ("model", "gpt-4o") in entries and ("max_tokens", "40") in entries
 
 
+def test_the_body_size_check_read_is_passed_on() -> None:
+    """The estimate's prompt, for a request that declares no content-length (chunked)."""
+    body: dict[str, object] = {"model": "gpt-4o", "messages": [{"content": "x" * 100}]}
+    entries = directives(allowed(body), "/v1/chat/completions")
+    assert ("request_bytes", str(len(json.dumps(body)))) in entries
+
+
 def test_a_denial_carries_no_directives() -> None:
     denied = Outcome(Verdict.DENY, Decision(Reason.BUDGET_EXCEEDED, "k"))
     assert directives(denied, "/v1/chat/completions") == []
