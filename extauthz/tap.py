@@ -148,11 +148,14 @@ def rewrite_request(body: bytes, path: str, *, add_usage: bool, max_tokens: int)
         document["stream_options"] = options
     if max_tokens > 0:
         present = [name for name in OUTPUT_CAP_FIELDS if name in document]
-        for name in present:
+        # Go's encoding/json also reads `MAX_TOKENS` (any case) as max_tokens, the last
+        # one written winning: every spelling of a cap is lowered
+        spellings = [k for k in document if k.casefold() in OUTPUT_CAP_FIELDS]
+        for name in spellings:
             value = document[name]
             fits = isinstance(value, int) and not isinstance(value, bool) and value <= max_tokens
             document[name] = value if fits and value >= 0 else max_tokens
-        if not present:
+        if not present:  # (a strict or Python upstream reads the exact name only)
             document[_cap_field(path)] = max_tokens
     try:
         return json.dumps(document, ensure_ascii=False).encode()

@@ -94,6 +94,16 @@ def test_a_clamp_lowers_every_output_cap_the_body_names() -> None:
     assert out == {"model": "m", "max_tokens": 40, "max_completion_tokens": 30}
 
 
+def test_a_clamp_lowers_a_cap_in_any_case() -> None:
+    """Go's encoding/json matches `MAX_TOKENS` to max_tokens, the last written winning;
+    Check then bounds nothing (it reserves the worst), but a clamp must still hold."""
+    body = {"model": "m", "max_tokens": 50, "MAX_TOKENS": 100000, "Max_Output_Tokens": 9}
+    out = rewritten(body, add_usage=False, max_tokens=40)
+    assert out == {"model": "m", "max_tokens": 40, "MAX_TOKENS": 40, "Max_Output_Tokens": 9}
+    only = rewritten({"model": "m", "MAX_TOKENS": 100000}, add_usage=False, max_tokens=40)
+    assert only == {"model": "m", "MAX_TOKENS": 40, "max_tokens": 40}
+
+
 def test_a_clamp_replaces_a_cap_it_cannot_read_as_a_number() -> None:
     for value in ("500", 500.0, -1, True, None):
         out = rewritten({"model": "m", "max_tokens": value}, add_usage=False, max_tokens=40)
