@@ -148,13 +148,21 @@ def rewrite_request(body: bytes, path: str, *, add_usage: bool, max_tokens: int)
         document["stream_options"] = options
     if max_tokens > 0:
         present = [name for name in OUTPUT_CAP_FIELDS if name in document]
-        for name in present:
+        # Go's encoding/json also reads `MAX_TOKENS` (any case) as max_tokens, the last
+        # one written winning: every spelling of a cap is lowered
+        spellings = [k for k in document if k.casefold() in OUTPUT_CAP_FIELDS]
+        for name in spellings:
             value = document[name]
             fits = isinstance(value, int) and not isinstance(value, bool) and value <= max_tokens
             document[name] = value if fits and value >= 0 else max_tokens
-        if not present:
+        if not present:  # (a strict or Python upstream reads the exact name only)
             document[_cap_field(path)] = max_tokens
-    return json.dumps(document, ensure_ascii=False).encode()
+    try:
+        return json.dumps(document, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # a lone surrogate (JSON allows "\ud800", and Check read it): not UTF-8, so
+        # written back as the escape it came as
+        return json.dumps(document).encode()
 
 
 def _cap_field(path: str) -> str:
@@ -209,7 +217,11 @@ class _Exchange:
         self.key_id = key_id if keygen.is_key_id(key_id) else ""
         self.request_id = headers.get(REQUEST_ID_HEADER, "")
         self.path = headers.get(":path", "")
-        self.request_bytes = _length(headers.get("content-length", ""))
+        # the body's size as Check read it: a chunked or HTTP/2 request may declare none
+        self.request_bytes = max(
+            _length(headers.get("content-length", "")),
+            _length(directives.get(tap_directives.REQUEST_BYTES, "")),
+        )
         self.add_usage = directives.get(tap_directives.STREAM_USAGE) == tap_directives.ADD
         self.max_tokens = _length(directives.get(tap_directives.MAX_TOKENS, ""))
         self.model = directives.get(tap_directives.MODEL, "")
@@ -321,9 +333,23 @@ class UsageTap:
     def _request_body(
         self, exchange: _Exchange, body: ext_proc.HttpBody
     ) -> ext_proc.ProcessingResponse:
-        rewritten = rewrite_request(
-            body.body, exchange.path, add_usage=exchange.add_usage, max_tokens=exchange.max_tokens
-        )
+        exchange.request_bytes = max(exchange.request_bytes, len(body.body))
+        try:
+            rewritten = rewrite_request(
+                body.body,
+                exchange.path,
+                add_usage=exchange.add_usage,
+                max_tokens=exchange.max_tokens,
+            )
+        except Exception as error:
+            # a tap that raised here would let Envoy (failure_mode_allow) forward the body
+            # unchanged: unclamped, and with no usage chunk asked for. (The error's type
+            # only: its text may quote the prompt.)
+            log.error(
+                "tap could not rewrite a request",
+                extra={"key_id": exchange.key_id, "error": type(error).__name__},
+            )
+            rewritten = None
         if rewritten is None:
             exchange.add_usage = False
             self.metrics.tap_unmetered.labels("request_unreadable").inc()

@@ -11,7 +11,9 @@ requests only:
 - `max_tokens: <n>` -- Check allowed the request clamped to n output tokens (the route's
   `max_tokens_clamp` context extension): the tap lowers the body's output cap to n;
 - `model: <name>` -- the model the body names, to price an estimate with where the
-  response names none (a client that left before the response began).
+  response names none (a client that left before the response began);
+- `request_bytes: <n>` -- the size of the body Check read, the estimate's prompt where no
+  usage comes back: a chunked (HTTP/1.1) or HTTP/2 request may carry no content-length.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ STREAM_USAGE: Final = "stream_usage"
 ADD: Final = "add"
 MAX_TOKENS: Final = "max_tokens"
 MODEL: Final = "model"
+REQUEST_BYTES: Final = "request_bytes"
 # the per-route ext_authz context extension that says the tap runs after Check
 CLAMP_EXTENSION: Final = "max_tokens_clamp"
 # the paths whose streams end with a usage chunk when asked (`stream_options`)
@@ -46,4 +49,6 @@ def directives(outcome: Outcome, path: str) -> list[tuple[str, str]]:
         entries.append((STREAM_USAGE, ADD))
     if outcome.clamped_to:
         entries.append((MAX_TOKENS, str(outcome.clamped_to)))
+    if model.body_bytes > 0:
+        entries.append((REQUEST_BYTES, str(model.body_bytes)))
     return entries

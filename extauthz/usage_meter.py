@@ -72,8 +72,12 @@ def _count(value: object) -> int:
 
 
 def _absurd(value: object) -> bool:
-    """A number no usage honestly reports (a float too: 1e30 is junk, not a count of zero)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_TOKENS
+    """A count no usage honestly reports: over MAX_TOKENS, negative, or not a whole number
+    (a float, a string, a bool). Read as zero it would charge $0 for what the response
+    generated; an absent count (missing or null) is zero."""
+    if value is None:
+        return False
+    return isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS
 
 
 def _usage_object(document: object) -> dict[str, object] | None:

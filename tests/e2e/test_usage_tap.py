@@ -472,3 +472,67 @@ def test_a_request_check_refused_is_not_counted_by_the_tap(
     assert post(tapped, "sk-mp-0000000000000000-" + "x" * 43).status == 401
     time.sleep(0.2)
     assert (counter(server, released), unmetered(server, "no_usage")) == before
+
+
+# --- bodies that must not slip past the tap ---------------------------------------------
+
+# JSON allows a lone surrogate ("\ud800"); Check reads it. The tap once raised writing it
+# back as UTF-8, and Envoy (failure_mode_allow) then forwarded the body as sent: unclamped,
+# its usage chunk never asked for, the answer charged as if cut before it began.
+LONE_SURROGATE = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi \\ud800"}],'
+
+
+def test_a_lone_surrogate_does_not_unclamp_a_request(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=0.0005)
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    reply = fetch(tapped.port, "POST", CHAT, headers, LONE_SURROGATE + b'"max_tokens":4096}')
+    assert reply.status == 200
+    clamped = int(reply.headers["x-virtual-key-max-tokens-clamped"])
+    assert json.loads(seen_by(silent, data.id).body)["max_tokens"] == clamped < 4096
+    usage = reply.json()["usage"]
+    cost = PRICES.cost_nanos("gpt-4o", usage["prompt_tokens"], usage["completion_tokens"])
+    assert eventually(lambda: charged(clients, data.id) == cost)
+    assert cost <= 500_000  # within the budget
+
+
+def test_a_lone_surrogate_stream_is_charged_its_usage(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    body = LONE_SURROGATE + b'"max_tokens":2000,"stream":true}'
+    reply = fetch(tapped.port, "POST", CHAT, headers, body)
+    upstream = seen_by(silent, data.id)
+    assert json.loads(upstream.body)["stream_options"] == {"include_usage": True}
+    assert reply.body == without_usage_chunk(upstream.sent)
+    usage = json.loads(_usage_chunk(upstream.sent))["usage"]
+    cost = PRICES.cost_nanos("gpt-4o", usage["prompt_tokens"], 2000)
+    assert eventually(lambda: charged(clients, data.id) == cost)
+
+
+def _usage_chunk(stream: bytes) -> bytes:
+    event = next(e for e in stream.split(b"\n\n") if b'"usage": {' in e)
+    return event.removeprefix(b"data: ")
+
+
+def test_a_cut_request_sent_without_a_content_length_is_charged_its_prompt(
+    tapped: Envoy, clients: Clients
+) -> None:
+    """A chunked (or HTTP/2) body declares no length: the estimate's prompt is the body
+    Check read, not 0 (which charged a 48 KB prompt as nothing)."""
+    key, data = clients.create_key(max_budget=10, tpm_limit=0)
+    messages = [{"role": "user", "content": "hello " * 8000}]
+    body = json.dumps({"model": "gpt-4o", "messages": messages, "stream": True}).encode()
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
+        "content-type: application/json\r\ntransfer-encoding: chunked\r\n"
+        "x-mock-cut-after-events: 2\r\nconnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", tapped.port), timeout=10) as conn:
+        conn.sendall(request + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+        while conn.recv(65536):
+            pass
+    assert eventually(lambda: settled(clients, data.id))
+    assert charged(clients, data.id) >= PRICES.cost_nanos("gpt-4o", math.ceil(len(body) / 4), 1)

@@ -64,6 +64,13 @@ def test_the_model_and_a_clamp_are_passed_on() -> None:
     assert ("model", "gpt-4o") in entries and ("max_tokens", "40") in entries
 
 
+def test_the_body_size_check_read_is_passed_on() -> None:
+    """The estimate's prompt, for a request that declares no content-length (chunked)."""
+    body: dict[str, object] = {"model": "gpt-4o", "messages": [{"content": "x" * 100}]}
+    entries = directives(allowed(body), "/v1/chat/completions")
+    assert ("request_bytes", str(len(json.dumps(body)))) in entries
+
+
 def test_a_denial_carries_no_directives() -> None:
     denied = Outcome(Verdict.DENY, Decision(Reason.BUDGET_EXCEEDED, "k"))
     assert directives(denied, "/v1/chat/completions") == []
@@ -87,6 +94,16 @@ def test_a_clamp_lowers_every_output_cap_the_body_names() -> None:
     assert out == {"model": "m", "max_tokens": 40, "max_completion_tokens": 30}
 
 
+def test_a_clamp_lowers_a_cap_in_any_case() -> None:
+    """Go's encoding/json matches `MAX_TOKENS` to max_tokens, the last written winning;
+    Check then bounds nothing (it reserves the worst), but a clamp must still hold."""
+    body = {"model": "m", "max_tokens": 50, "MAX_TOKENS": 100000, "Max_Output_Tokens": 9}
+    out = rewritten(body, add_usage=False, max_tokens=40)
+    assert out == {"model": "m", "max_tokens": 40, "MAX_TOKENS": 40, "Max_Output_Tokens": 9}
+    only = rewritten({"model": "m", "MAX_TOKENS": 100000}, add_usage=False, max_tokens=40)
+    assert only == {"model": "m", "MAX_TOKENS": 40, "max_tokens": 40}
+
+
 def test_a_clamp_replaces_a_cap_it_cannot_read_as_a_number() -> None:
     for value in ("500", 500.0, -1, True, None):
         out = rewritten({"model": "m", "max_tokens": value}, add_usage=False, max_tokens=40)
@@ -106,6 +123,19 @@ def test_repeated_keys_rewrite_to_the_one_check_read() -> None:
     body = b'{"model":"cheap","model":"gpt-4o","max_tokens":9000}'
     out = rewrite_request(body, "/v1/chat/completions", add_usage=False, max_tokens=40)
     assert out is not None and json.loads(out) == {"model": "gpt-4o", "max_tokens": 40}
+
+
+def test_a_lone_surrogate_is_rewritten_as_its_escape() -> None:
+    """JSON allows "\\ud800" and Check reads it; a rewrite that raised would let Envoy
+    (failure_mode_allow) forward the request unclamped, its usage chunk never asked for."""
+    body = b'{"model":"gpt-4o","messages":[{"content":"Hi \\ud800 \xc3\xa9"}],"stream":true}'
+    out = rewrite_request(body, "/v1/chat/completions", add_usage=True, max_tokens=40)
+    assert out is not None
+    assert json.loads(out) == {
+        **json.loads(body),
+        "stream_options": {"include_usage": True},
+        "max_tokens": 40,
+    }
 
 
 @pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b"", b"\xff\xfe"])
