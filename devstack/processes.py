@@ -270,7 +270,7 @@ AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 
 
 def without_tap(text: str) -> str:
-    """An envoy.yaml without the usage tap: no ext_proc filter, and no route telling Check
+    """An envoy.yaml without the usage tap: no ext_proc filters, and no route telling Check
     that a tap runs (so no clamping). What a deployment that meters only through
     ReportUsage runs; the tests of reservations held by an unreporting upstream use it."""
     config = yaml.safe_load(text)
@@ -279,7 +279,7 @@ def without_tap(text: str) -> str:
             for network_filter in chain["filters"]:
                 manager = network_filter["typed_config"]
                 manager["http_filters"] = [
-                    f for f in manager["http_filters"] if f["name"] != TAP_FILTER
+                    f for f in manager["http_filters"] if not f["name"].startswith(TAP_FILTER)
                 ]
                 for host in manager["route_config"]["virtual_hosts"]:
                     for route in host["routes"]:

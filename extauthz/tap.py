@@ -98,6 +98,19 @@ def _set_headers(*pairs: tuple[str, str]) -> ext_proc.HeaderMutation:
     )
 
 
+ROLE_METADATA: Final = "x-extauthz-tap"
+CLAMP_ROLE: Final = "clamp"
+
+
+def _role(context: grpc.aio.ServicerContext[object, object]) -> str:
+    """Which of envoy.yaml's two ext_proc filters calls: `clamp` (its initial metadata)
+    or the metering tap."""
+    for name, value in context.invocation_metadata() or ():
+        if name == ROLE_METADATA:
+            return str(value)
+    return ""
+
+
 def _directives(message: ext_proc.ProcessingRequest) -> dict[str, str]:
     """Check's entries in the ext_authz filter's dynamic metadata (strings only)."""
     namespace = message.metadata_context.filter_metadata.get(tap_directives.NAMESPACE)
@@ -271,6 +284,10 @@ class UsageTap:
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[ext_proc.ProcessingResponse]:
         exchange = _Exchange()
+        if _role(context) == CLAMP_ROLE:
+            async for message in requests:
+                yield self._clamp(exchange, message)
+            return
         try:
             async for message in requests:
                 reply = self._answer(exchange, message)
@@ -281,6 +298,21 @@ class UsageTap:
             # upstream cut the stream, or Envoy gave up on it
             if exchange.metered and not exchange.done:
                 self._charge_later(exchange, cut=True)
+
+    def _clamp(
+        self, exchange: _Exchange, message: ext_proc.ProcessingRequest
+    ) -> ext_proc.ProcessingResponse:
+        """The fail-closed filter of a clamped request (envoy.yaml's
+        `envoy.filters.http.ext_proc.clamp`): its body rewritten, or refused. The metering
+        filter after it rewrites the same way again (which changes nothing) and meters."""
+        if message.WhichOneof("request") == "request_headers":
+            exchange.request(_headers(message.request_headers), _directives(message))
+            return ext_proc.ProcessingResponse(
+                request_headers=ext_proc.HeadersResponse(response=_CONTINUE)
+            )
+        if message.WhichOneof("request") == "request_body" and exchange.max_tokens:
+            return self._request_body(exchange, message.request_body)
+        return ext_proc.ProcessingResponse(request_body=ext_proc.BodyResponse(response=_CONTINUE))
 
     def _answer(
         self, exchange: _Exchange, message: ext_proc.ProcessingRequest

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
 from devstack import processes as p
 from devstack.mock_upstream import MockUpstream, Seen
@@ -536,3 +537,66 @@ def test_a_cut_request_sent_without_a_content_length_is_charged_its_prompt(
             pass
     assert eventually(lambda: settled(clients, data.id))
     assert charged(clients, data.id) >= PRICES.cost_nanos("gpt-4o", math.ceil(len(body) / 4), 1)
+
+
+@pytest.fixture(scope="module")
+def clamp_unreachable(
+    server: Server, silent: MockUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Envoy]:
+    """The shipped envoy.yaml, but its clamp filter calls a tap that is not there."""
+    work: Path = tmp_path_factory.mktemp("clamp-down")
+    ports = {
+        "listener": p.free_port(),
+        "extauthz": server.grpc_port,
+        "upstream": silent.port,
+        "admin": p.free_port(),
+    }
+    config = yaml.safe_load(p.render_envoy_config(ports))
+    resources = config["static_resources"]
+    dead = {**resources["clusters"][0], "name": "nowhere"}
+    dead["load_assignment"] = {
+        "cluster_name": "nowhere",
+        "endpoints": [
+            {
+                "lb_endpoints": [
+                    {
+                        "endpoint": {
+                            "address": {
+                                "socket_address": {
+                                    "address": "127.0.0.1",
+                                    "port_value": p.free_port(),
+                                }
+                            }
+                        }
+                    }
+                ]
+            }
+        ],
+    }
+    resources["clusters"].append(dead)
+    manager = resources["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    clamp = next(f for f in manager["http_filters"] if f["name"].endswith(".clamp"))
+    clamp["typed_config"]["extension_config"]["typed_config"]["grpc_service"]["envoy_grpc"] = {
+        "cluster_name": "nowhere"
+    }
+    path = work / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    envoy = Envoy(
+        ports["listener"],
+        p.start_envoy(path, ports["listener"], work / "envoy.log"),
+        ports["admin"],
+    )
+    yield envoy
+    envoy.process.stop()
+
+
+def test_a_clamped_request_is_refused_when_its_body_cannot_be_clamped(
+    clamp_unreachable: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    """The clamp filter fails closed: never the full request on a reservation for part."""
+    key, data = clients.create_key(max_budget=0.0005)
+    assert post(clamp_unreachable, key, max_tokens=4096).status == 503
+    assert not [s for s in silent.seen if s.headers.get("x-virtual-key-id") == data.id]
+    # (its clamped reservation is held until the TTL: nothing told extauthz it failed)
+    other, _ = clients.create_key(max_budget=10)
+    assert post(clamp_unreachable, other, max_tokens=20).status == 200  # no clamp: no filter
