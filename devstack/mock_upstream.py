@@ -13,13 +13,13 @@ gets an SSE stream (chunked, a word per event), with the usage chunk when it ask
 `stream_options.include_usage` (the Responses API: always, in `response.completed`),
 gzip-encoded when it accepts gzip. Test knobs, as request headers: `x-mock-delay-seconds:
 N` answers (and reports) N seconds later, so requests can be held in flight;
-`x-mock-usage: omit` leaves usage out; `x-mock-cut-after-events: N` drops the connection
-after N events; `x-mock-split-at: N` writes the stream in two parts, split at byte N;
-`x-mock-status: 500` fails; `x-mock-event-interval-seconds: S` (at most 1) paces a
-stream. Every request it saw is kept in `seen` (with the body it
-sent back), and, with `log_path` (`make run`: .run/upstream.log), written there as one
-JSON line: what the upstream received of the identity headers, and whether any key
-header reached it.
+`x-mock-usage: omit` leaves usage out (`zero`: reports 0 tokens);
+`x-mock-cut-after-events: N` drops the connection after N events; `x-mock-split-at: N`
+writes the stream in two parts, split at byte N; `x-mock-status: 500` fails;
+`x-mock-event-interval-seconds: S` (at most 1) paces a stream. Every request it saw is
+kept in `seen` (with the body it sent back), and, with `log_path` (`make run`:
+.run/upstream.log), written there as one JSON line: what the upstream received of the
+identity headers, and whether any key header reached it.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ LOGGED_HEADERS = (
 # flight (max_parallel_requests) with curl.
 DELAY_HEADER = "x-mock-delay-seconds"
 MAX_DELAY_S = 60.0
-USAGE_HEADER = "x-mock-usage"  # omit: no usage in the answer
+USAGE_HEADER = "x-mock-usage"  # omit: no usage in the answer; zero: usage of 0 tokens
 CUT_HEADER = "x-mock-cut-after-events"  # a stream dropped after N events
 SPLIT_HEADER = "x-mock-split-at"  # a stream written in two parts, split at byte N
 STATUS_HEADER = "x-mock-status"  # 500: an upstream failure
@@ -355,6 +355,8 @@ class MockUpstream:
                     self._refuse(headers, "max_tokens: 1..1000000")
                     return
                 completion = 0 if self.path.endswith("/embeddings") else asked
+                if headers.get(USAGE_HEADER) == "zero":
+                    prompt = completion = 0  # a usage that says nothing was used
                 if headers.get(STATUS_HEADER) == "500":
                     self._send(500, {"error": {"message": "the mock failed, as asked"}})
                     return

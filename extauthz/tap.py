@@ -30,6 +30,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Coroutine
+from dataclasses import replace
 from typing import Any, Final
 
 import grpc
@@ -486,6 +487,9 @@ class UsageTap:
         """Charge what the response reported, once, under the request's id; else an
         estimate for a response that produced something (or that the client left before
         it began: the upstream had the prompt); else give the reservation back."""
+        if metered.usage is not None and metered.usage.total_tokens == 0 and metered.produced:
+            # "0 tokens" for an answer that has content is not believed: estimated
+            metered = replace(metered, usage=None, unmetered="zero_usage")
         usage = metered.usage
         log.debug(
             "tap settles",

@@ -338,6 +338,16 @@ def test_a_json_answer_without_usage_is_charged_the_estimate(
     assert expected > 0
 
 
+def test_an_answer_with_content_whose_usage_says_zero_is_charged_the_estimate(
+    tapped: Envoy, silent: MockUpstream, clients: Clients
+) -> None:
+    key, data = clients.create_key(max_budget=10)
+    reply = post(tapped, key, headers={"x-mock-usage": "zero"}, max_tokens=5)
+    assert reply.json()["usage"]["total_tokens"] == 0
+    expected = estimate(seen_by(silent, data.id).body, 1, len("Hello from the mock."))
+    assert eventually(lambda: charged(clients, data.id) == expected)
+
+
 def test_an_upstream_failure_gives_the_reservation_back(
     tapped: Envoy, server: Server, clients: Clients
 ) -> None:
