@@ -25,6 +25,7 @@ from bench import (
     money_redis_bench,
     noop_server,
     payloads,
+    tap_bench,
     usage_bench,
     workers_bench,
 )
@@ -115,6 +116,9 @@ def run(root: Path, started: float, only: set[str]) -> list[Row]:
         if "11" in only:
             _step("11: memory of open in-flight records, and reaping them", started)
             rows += money_redis_bench.measure_inflight(stack)
+        if "12" in only:
+            _step("12: the usage tap through Envoy, vs no tap and vs the Check", started)
+            rows += tap_bench.measure(stack, ours, redis_pid, noop_port, noop.proc.pid)
         _step("done", started)
         return rows
     finally:
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "--only",
-        default=",".join(str(n) for n in range(1, 12)),
+        default=",".join(str(n) for n in range(1, 13)),
         help="comma-separated rows to run (default: all)",
     )
     only = set(parser.parse_args(argv).only.split(","))

@@ -1,14 +1,15 @@
 """Row 2: what a Check adds to a request through Envoy.
 
-Three Envoys from the shipped envoy.yaml (rendered with ports) in front of one nginx that
-answers at once: ext_authz off on the LLM route (the floor), ext_authz to the no-op
-server, ext_authz to ours. HTTP/1.1 clients in a closed loop, at concurrency 1 (the
+Three Envoys from the shipped envoy.yaml (rendered with ports, without the usage tap: the
+no-op serves no ext_proc, and row 12 measures the tap) in front of one nginx that answers
+at once: ext_authz off on the LLM route (the floor), ext_authz to the no-op server,
+ext_authz to ours. HTTP/1.1 clients in a closed loop, at concurrency 1 (the
 Check's own latency, no queueing) and at a moderate fixed concurrency.
 """
 
 from __future__ import annotations
 
-import re
+import yaml
 
 from bench import compare
 from bench.payloads import CHAT_BODY, CHAT_PATH
@@ -21,39 +22,45 @@ SECONDS = 1.5
 ROUNDS = 4
 ADDED_TARGET = 1.5
 
-_CATCH_ALL = re.compile(
-    r"^(?P<indent> *)- match: \{ prefix: / \}\n(?P=indent)  route: \{ cluster: llm_upstream.*\}$",
-    re.MULTILINE,
-)
-_AUTHZ_OFF = (
-    "envoy.filters.http.ext_authz: "
-    '{ "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute,'
-    " disabled: true }"
-)
+_AUTHZ_OFF = {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+    "disabled": True,
+}
 
 
-def render(ports: dict[str, int], *, authz: bool) -> str:
-    """envoy.yaml with these ports; without `authz`, the catch-all LLM route skips
-    ext_authz (per-route `disabled: true`) and nothing else changes."""
-    text = p.render_envoy_config(ports)
+def render(ports: dict[str, int], *, authz: bool, tap: bool = True) -> str:
+    """envoy.yaml with these ports; without `tap`, without the usage tap
+    (`devstack.processes.without_tap`); without `authz`, the catch-all LLM route skips
+    ext_authz (its per-route entry replaced by `disabled: true`) and nothing else changes."""
+    text = p.render_envoy_config(ports, tap=tap)
     if authz:
         return text
-    found = _CATCH_ALL.search(text)
-    if found is None:
+    config = yaml.safe_load(text)
+    catch_all = [
+        route
+        for listener in config["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for network_filter in chain["filters"]
+        for host in network_filter["typed_config"]["route_config"]["virtual_hosts"]
+        for route in host["routes"]
+        if route.get("match") == {"prefix": "/"}
+    ]
+    if len(catch_all) != 1:
         raise RuntimeError("envoy.yaml's catch-all route changed; update bench/envoy_bench.py")
-    indent = found.group("indent") + "  "
-    addition = f"\n{indent}typed_per_filter_config:\n{indent}  {_AUTHZ_OFF}"
-    return text[: found.end()] + addition + text[found.end() :]
+    catch_all[0].setdefault("typed_per_filter_config", {})[p.AUTHZ_FILTER] = dict(_AUTHZ_OFF)
+    return str(yaml.safe_dump(config, sort_keys=False))
 
 
 def _envoy(stack: Stack, name: str, authz_port: int, upstream: int, *, authz: bool) -> int:
+    """Without the usage tap: this row is the Check's cost alone (row 12 is the tap's),
+    and the no-op serves no ext_proc."""
     ports = {
         "listener": p.free_port(),
         "extauthz": authz_port,
         "upstream": upstream,
         "admin": p.free_port(),
     }
-    stack.envoy(render(ports, authz=authz), ports["listener"], name)
+    stack.envoy(render(ports, authz=authz, tap=False), ports["listener"], name)
     return ports["listener"]
 
 

@@ -141,6 +141,16 @@ class Stack:
         p.wait_port(port, process.proc)
         return port, process
 
+    def mock_upstream(self) -> tuple[int, p.Process]:
+        """The devstack mock upstream in a process of its own (bench/mock_server.py),
+        reporting nothing: the tap is what charges its responses."""
+        port = p.free_port()
+        args = [sys.executable, "-m", "bench.mock_server", "--port", str(port)]
+        process = p.spawn(args, self.root / "mock-upstream.log")
+        self.processes.append(process)
+        p.wait_port(port, process.proc)
+        return port, process
+
     def nginx(self) -> int:
         """A fast upstream: nginx, one worker, answering every request with a fixed 200."""
         port = p.free_port()

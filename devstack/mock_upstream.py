@@ -257,6 +257,9 @@ class MockUpstream:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body go out in separate writes: with Nagle on, the body waits
+            # for the peer's delayed ACK of the headers (~40 ms on Linux loopback)
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 return
