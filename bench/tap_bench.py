@@ -66,6 +66,10 @@ TTFT_TARGET_MS = 1.0
 CONFIGS = ("tap", "no-op tap", "no tap", "authz off")
 TAP_NOOP_CLUSTER = "tap_noop"
 STREAM_BODY = json.dumps({**json.loads(payloads.CHAT_BODY), "stream": True}).encode()
+# a stream that asked for its usage chunk: the tap changes no byte of it (observing only)
+USAGE_STREAM_BODY = json.dumps(
+    {**json.loads(STREAM_BODY), "stream_options": {"include_usage": True}}
+).encode()
 USAGE_METRIC = ("extauthz_tap_responses_total", 'basis="usage"')
 
 
@@ -172,6 +176,7 @@ class _Measure:
     stream: bool
     extra: tuple[str, ...] = ()
     configs: tuple[str, ...] = CONFIGS
+    asks_usage: bool = False  # a stream that asked for its usage chunk (and gets it)
 
     def check(self, reply: _Reply, config: str) -> None:
         if reply.status != 200:
@@ -179,8 +184,8 @@ class _Measure:
         if self.stream:
             if not reply.body.endswith(b"data: [DONE]\n\n") or not reply.first_event_at:
                 raise RuntimeError(f"{self.name}, {config}: a stream cut short: {reply.body!r}")
-            if b'"usage"' in reply.body:
-                raise RuntimeError(f"{self.name}, {config}: the client got a usage chunk")
+            if (b'"usage": {' in reply.body) != self.asks_usage:
+                raise RuntimeError(f"{self.name}, {config}: usage chunk wrongly kept or cut")
         elif not json.loads(reply.body).get("usage"):
             raise RuntimeError(f"{self.name}, {config}: no usage in {bytes(reply.body)!r}")
 
@@ -194,6 +199,15 @@ MEASURES = (
         stream=True,
         extra=(f"{mock_upstream.INTERVAL_HEADER}: {PACE_S}",),
         configs=("tap", "no-op tap", "no tap"),  # the target is absolute: no floor needed
+    ),
+    _Measure("stream+usage", USAGE_STREAM_BODY, stream=True, asks_usage=True),
+    _Measure(
+        "ttft+usage",
+        USAGE_STREAM_BODY,
+        stream=True,
+        extra=(f"{mock_upstream.INTERVAL_HEADER}: {PACE_S}",),
+        configs=("tap", "no-op tap", "no tap"),
+        asks_usage=True,
     ),
 )
 
@@ -305,7 +319,7 @@ def _run(
 
 
 def tap_to(text: str, port: int) -> str:
-    """An envoy.yaml whose ext_proc filter calls 127.0.0.1:`port` (a cluster of its own,
+    """An envoy.yaml whose ext_proc filters call 127.0.0.1:`port` (a cluster of its own,
     otherwise the extauthz cluster's settings) while ext_authz still calls extauthz."""
     config = yaml.safe_load(text)
     clusters = config["static_resources"]["clusters"]
@@ -319,11 +333,12 @@ def tap_to(text: str, port: int) -> str:
         for chain in listener["filter_chains"]:
             for network_filter in chain["filters"]:
                 for http_filter in network_filter["typed_config"]["http_filters"]:
-                    if http_filter["name"] == p.TAP_FILTER:
-                        service = http_filter["typed_config"]["grpc_service"]["envoy_grpc"]
-                        service["cluster_name"] = TAP_NOOP_CLUSTER
+                    if http_filter["name"].startswith(p.TAP_FILTER):
+                        config_ = http_filter["typed_config"]
+                        inner = config_.get("extension_config", {}).get("typed_config", config_)
+                        inner["grpc_service"]["envoy_grpc"]["cluster_name"] = TAP_NOOP_CLUSTER
                         found += 1
-    if found != 1:
+    if found != 3:  # clamp, the tap that changes bytes, the observing tap
         raise RuntimeError("envoy.yaml's ext_proc filter changed; update bench/tap_bench.py")
     return str(yaml.safe_dump(config, sort_keys=False))
 
@@ -443,6 +458,7 @@ def measure(stack: Stack, ours: Ours, redis_pid: int, noop_port: int, noop_pid: 
             raise RuntimeError(f"{c.name}: its key was charged, so our tap ran there")
 
     json_, stream, ttft = got["json"], got["stream"], got["ttft"]
+    usage_stream, usage_ttft = got["stream+usage"], got["ttft+usage"]
     data: dict[str, Any] = {
         m: {name: s.summary() for name, s in series.items()} for m, series in got.items()
     }
@@ -478,6 +494,20 @@ def measure(stack: Stack, ours: Ours, redis_pid: int, noop_port: int, noop_pid: 
             _baselines(ttft, first=True),
         ),
         *_added_rows("time to first token", ttft, first=True),
+        Row(
+            "12",
+            "tap: streamed, usage asked for (nothing to change), whole stream, p50 / p99 ms",
+            _pair(usage_stream["tap"]),
+            _baselines(usage_stream),
+        ),
+        *_added_rows("streamed, usage asked for", usage_stream, first=False),
+        Row(
+            "12",
+            "tap: time to first token, usage asked for, p50 / p99 ms",
+            _pair(usage_ttft["tap"], first=True),
+            _baselines(usage_ttft, first=True),
+        ),
+        *_added_rows("time to first token, usage asked for", usage_ttft, first=True),
         Row(
             "12",
             "tap: server CPU per request, us, non-streamed / streamed",

@@ -24,6 +24,7 @@ from google.rpc import code_pb2, status_pb2
 
 from extauthz import tap_directives, wire
 from extauthz.decision import Outcome, Verdict
+from extauthz.tap_directives import readable_encodings
 from keys.model import Decision, Level, LimitHit, Reason, RequestedModel, WindowCount
 from keys.money import NANOS_PER_USD
 from keys.reservation import FREE, Estimate
@@ -37,6 +38,9 @@ WOULD_DENY_HEADER = "x-virtual-key-would-deny"
 REQUEST_ID_HEADER = "x-virtual-key-request-id"
 # A clamped request (the usage tap lowers its max_tokens): the output tokens it may have.
 MAX_TOKENS_HEADER = "x-virtual-key-max-tokens"
+# The usage tap adds stream_options.include_usage to this streaming request.
+STREAM_USAGE_HEADER = ("x-virtual-key-stream-usage", "added")
+ACCEPT = "accept-encoding"
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +291,7 @@ def allowed(outcome: Outcome) -> Allowed:
 
 
 def envoy(
-    outcome: Outcome, client_headers: Iterable[str], path: str = "/"
+    outcome: Outcome, client_headers: Mapping[str, str], path: str = "/"
 ) -> bytes | external_auth_pb2.CheckResponse:
     """A CheckResponse: allows hand-encoded (extauthz/wire.py), denials as messages; an
     allow carries the usage tap's directives as dynamic metadata."""
@@ -296,17 +300,23 @@ def envoy(
     if outcome.verdict is Verdict.KEY_VERIFIED:
         return wire.ok_check_response([], [], [])  # nothing changes until the full Check
     allow = allowed(outcome)
+    directives = tap_directives.directives(outcome, path)
+    upstream = allow.upstream
+    if (tap_directives.STREAM_USAGE, tap_directives.ADD) in directives:
+        # says which of envoy.yaml's tap filters runs (the one that may change bytes),
+        # and tells the upstream that the gateway asked for the usage chunk
+        upstream = [*upstream, STREAM_USAGE_HEADER]
+    if not allow.public and (encoding := readable_encodings(client_headers.get(ACCEPT))):
+        # an answer the usage tap cannot read would be charged by its size: ask the
+        # upstream only for encodings it inflates
+        upstream = [*upstream, (ACCEPT, encoding)]
     if allow.public:
         removed = [h for h in client_headers if _poses_as_identity(h)]
     else:
-        ours = (name for name, _ in (*allow.upstream, *allow.fresh))
+        ours = (name for name, _ in (*upstream, *allow.fresh))
         removed = _strip_client_identity(client_headers, ours)
     return wire.ok_check_response(
-        allow.upstream,
-        removed,
-        allow.client,
-        fresh=allow.fresh,
-        metadata=tap_directives.directives(outcome, path),
+        upstream, removed, allow.client, fresh=allow.fresh, metadata=directives
     )
 
 

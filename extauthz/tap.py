@@ -124,21 +124,6 @@ def _directives(message: ext_proc.ProcessingRequest) -> dict[str, str]:
     }
 
 
-READABLE_ENCODINGS: Final = frozenset({"gzip", "x-gzip", "deflate", "identity"})
-
-
-def readable_encodings(accept: str | None) -> str | None:
-    """`accept-encoding` narrowed to the codings the meter inflates; None where it names
-    no other (left as the client sent it)."""
-    if accept is None:
-        return None
-    codings = [part.strip() for part in accept.split(",") if part.strip()]
-    kept = [c for c in codings if c.partition(";")[0].strip().lower() in READABLE_ENCODINGS]
-    if len(kept) == len(codings):
-        return None
-    return ", ".join(kept) or "identity"
-
-
 def _length(value: str) -> int:
     value = value.strip()
     return int(value) if value.isdigit() and len(value) <= 15 else 0
@@ -292,7 +277,9 @@ class UsageTap:
         try:
             async for message in requests:
                 reply = self._answer(exchange, message)
-                if reply is not None:
+                # observability mode (envoy.yaml's `.meter` filter): Envoy waits for no
+                # answer, and would ignore one
+                if reply is not None and not message.observability_mode:
                     yield reply
         finally:
             # the response ended without its last chunk: the client went away, the
@@ -350,16 +337,11 @@ class UsageTap:
         )
         if wants_body:
             reply.mode_override.CopyFrom(_READ_REQUEST_BODY)
-        # the usage chunk is cut from plain text only; anything else, in an encoding the
-        # meter can read (a client asking for br must not make its answers unreadable)
-        encoding = (
-            "identity"
-            if exchange.add_usage and wants_body
-            else readable_encodings(headers.get("accept-encoding"))
-        )
-        if encoding is not None:
+        if exchange.add_usage and wants_body:
+            # the usage chunk is cut from plain text only (Check already narrowed every
+            # other request to encodings the meter reads)
             reply.request_headers.response.header_mutation.CopyFrom(
-                _set_headers(("accept-encoding", encoding))
+                _set_headers(("accept-encoding", "identity"))
             )
         return reply
 

@@ -52,3 +52,18 @@ def directives(outcome: Outcome, path: str) -> list[tuple[str, str]]:
     if model.body_bytes > 0:
         entries.append((REQUEST_BYTES, str(model.body_bytes)))
     return entries
+
+
+READABLE_ENCODINGS: Final = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+
+
+def readable_encodings(accept: str | None) -> str | None:
+    """`accept-encoding` narrowed to the codings the meter inflates; None where it names
+    no other (left as the client sent it)."""
+    if accept is None:
+        return None
+    codings = [part.strip() for part in accept.split(",") if part.strip()]
+    kept = [c for c in codings if c.partition(";")[0].strip().lower() in READABLE_ENCODINGS]
+    if len(kept) == len(codings):
+        return None
+    return ", ".join(kept) or "identity"

@@ -302,16 +302,21 @@ def test_a_stream_the_upstream_cut_is_charged_the_estimate(
     assert settled(clients, data.id)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"stream_options": {"include_usage": True}}],
+    ids=["the tap adds usage", "the client asked for usage (observed only)"],
+)
 def test_a_client_that_leaves_mid_stream_is_charged_the_estimate(
-    tapped: Envoy, silent: MockUpstream, clients: Clients
+    tapped: Envoy, clients: Clients, options: dict[str, object]
 ) -> None:
     key, data = clients.create_key(max_budget=10)
-    body = json.dumps({"model": "gpt-4o", "messages": MESSAGES, "stream": True}).encode()
+    body = json.dumps({"model": "gpt-4o", "messages": MESSAGES, "stream": True, **options})
     request = (
         f"POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
         "content-type: application/json\r\nx-mock-event-interval-seconds: 0.3\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
-    ).encode() + body
+        f"content-length: {len(body)}\r\n\r\n{body}"
+    ).encode()
     with socket.create_connection(("127.0.0.1", tapped.port)) as conn:
         conn.sendall(request)
         received = b""
@@ -321,7 +326,7 @@ def test_a_client_that_leaves_mid_stream_is_charged_the_estimate(
     assert eventually(lambda: charged(clients, data.id) > 0)
     # the tap may have passed an event or two more than the client read
     assert charged(clients, data.id) in {
-        estimate(body, n, len(text)) for n, text in ((1, "Hello"), (2, "Hello from"))
+        estimate(body.encode(), n, len(text)) for n, text in ((1, "Hello"), (2, "Hello from"))
     }
     assert eventually(lambda: settled(clients, data.id))
 

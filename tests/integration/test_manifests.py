@@ -440,7 +440,8 @@ def test_sidecar_envoy_keeps_every_edge_defence_of_envoy_yaml() -> None:
         "envoy.filters.http.ext_authz.key_first",
         "envoy.filters.http.ext_authz",
         "envoy.filters.http.ext_proc.clamp",  # the usage tap, fail-closed for clamps
-        "envoy.filters.http.ext_proc",  # the usage tap
+        "envoy.filters.http.ext_proc",  # the usage tap, where it changes bytes
+        "envoy.filters.http.ext_proc.meter",  # the usage tap, observing only
         "envoy.filters.http.router",
     ]
 

@@ -56,7 +56,7 @@ ALLOWED = Outcome(Verdict.ALLOW, Decision(Reason.OK, "0123456789abcdef", "u1", "
 
 
 def _envoy(outcome: Outcome, client_headers: list[str]) -> external_auth_pb2.CheckResponse:
-    reply = responses.envoy(outcome, client_headers)
+    reply = responses.envoy(outcome, dict.fromkeys(client_headers, ""))
     if isinstance(reply, bytes):
         return external_auth_pb2.CheckResponse.FromString(reply)
     return reply

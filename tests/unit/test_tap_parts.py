@@ -10,8 +10,8 @@ import pytest
 
 from extauthz.decision import Outcome, Verdict
 from extauthz.request import requested_model
-from extauthz.tap import estimate_usage, readable_encodings, rewrite_request
-from extauthz.tap_directives import directives, takes_stream_options
+from extauthz.tap import estimate_usage, rewrite_request
+from extauthz.tap_directives import directives, readable_encodings, takes_stream_options
 from extauthz.usage_meter import Metered
 from keys.model import Decision, Reason
 
