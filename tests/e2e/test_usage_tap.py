@@ -22,7 +22,7 @@ import yaml
 from devstack import processes as p
 from devstack.mock_upstream import MockUpstream, Seen
 from keys.pricing import PriceTable
-from tests.conftest import Envoy, Server
+from tests.conftest import Envoy, Server, start_envoy
 from tests.helpers import Clients, HttpReply, eventually, fetch
 
 pytestmark = pytest.mark.e2e
@@ -44,20 +44,7 @@ def tapped(
     server: Server, silent: MockUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Envoy]:
     """The shipped envoy.yaml, with the silent upstream behind it."""
-    work: Path = tmp_path_factory.mktemp("tap")
-    ports = {
-        "listener": p.free_port(),
-        "extauthz": server.grpc_port,
-        "upstream": silent.port,
-        "admin": p.free_port(),
-    }
-    config = work / "envoy.yaml"
-    config.write_text(p.render_envoy_config(ports))
-    envoy = Envoy(
-        ports["listener"],
-        p.start_envoy(config, ports["listener"], work / "envoy.log"),
-        ports["admin"],
-    )
+    envoy = start_envoy(server.grpc_port, silent.port, tmp_path_factory.mktemp("tap"))
     yield envoy
     envoy.process.stop()
 
