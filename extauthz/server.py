@@ -75,6 +75,7 @@ async def serve(settings: Settings) -> None:
         usage_retention_days=settings.usage_retention_days,
         budget_mode=settings.budget_mode,
         reservation_ttl_s=settings.reservation_ttl_s,
+        ledger=bool(settings.ledger_database_url),  # a sink copies the streams out
     )
     metrics = Metrics(per_key=settings.metrics_per_key)
     decider = Decider(
@@ -158,6 +159,7 @@ async def serve(settings: Settings) -> None:
             "tls": credentials is not None,
             "redis": watch.redis_ok,
             "fail_open": settings.fail_open,
+            "ledger": store.ledger,
         },
     )
 

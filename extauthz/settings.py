@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote
@@ -96,6 +96,17 @@ def prefix(name: str, raw: str) -> str:
         keygen.validate_prefix(raw)
     except ValueError as exc:
         raise SettingsError(f"{name}: {exc}") from None
+    return raw
+
+
+def postgres_url(name: str, raw: str) -> str:
+    """'' (no ledger), or a postgresql:// (postgres://) URL. The value is never echoed:
+    it usually holds a password."""
+    scheme, sep, rest = raw.partition("://")
+    if raw and not (sep and scheme.lower() in ("postgresql", "postgres") and rest.strip("/")):
+        raise SettingsError(
+            f"{name}: expected postgresql://user:password@host:port/database (or postgres://)"
+        )
     return raw
 
 
@@ -251,6 +262,14 @@ VARIABLES: tuple[Variable, ...] = (
         integer(0, 1 << 40),
         "bound on the journal's size",
     ),
+    Variable(
+        "LEDGER_DATABASE_URL",
+        "ledger_database_url",
+        "",
+        postgres_url,
+        "the spend ledger's PostgreSQL (postgresql://); set: every charge and key change "
+        "is appended to the ledger streams in Redis, for `extauthz ledger` to copy there",
+    ),
 )
 
 REDIS_VARIABLES = (
@@ -296,6 +315,7 @@ class Settings:
     drain_seconds: int
     journal_dir: str
     journal_max_bytes: int
+    ledger_database_url: str = field(repr=False)  # holds a password
     redis_url: str
 
     @classmethod

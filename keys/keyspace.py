@@ -184,7 +184,8 @@ def _metadata(values: Mapping[str, str]) -> str:
 
 
 def new_record(spec: KeySpec, digest: str, now_ms: int) -> dict[str, str | int]:
-    """Every field of a new key. `hash` comes first: keys/lua/create.lua reads ARGV[2]."""
+    """Every field of a new key. `hash` comes first: keys/lua/create.lua reads its value
+    (after `now`) as ARGV[3]. `ver` is not here: create.lua's key event sets it to 1."""
     return {
         "hash": digest,
         "name": spec.name,
@@ -196,6 +197,7 @@ def new_record(spec: KeySpec, digest: str, now_ms: int) -> dict[str, str | int]:
         "models": encode_models(spec.allowed_models),
         "max_budget": spec.max_budget_nanos,
         "spent": 0,
+        "spent_total": 0,
         "rpm_limit": spec.rpm_limit,
         "tpm_limit": spec.tpm_limit,
         "metadata": _metadata(spec.metadata),
@@ -248,6 +250,9 @@ def changed_fields(change: KeyUpdate, now_ms: int) -> dict[str, str | int]:
 
 
 REVOKED_FIELDS: Final[Mapping[str, str | int]] = {"status": "revoked"}
+# what keys/lua/update.lua tells the ledger a change was (docs/design.md section 12)
+UPDATED_EVENT: Final = "updated"
+REVOKED_EVENT: Final = "revoked"
 
 
 def flatten(fields: Mapping[str, str | int]) -> list[str | int]:

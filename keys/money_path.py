@@ -18,7 +18,7 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
-from keys import keyspace, scripts
+from keys import keyspace, ledger_stream, scripts
 from keys.budget import next_month_start_ms
 from keys.connection import REDIS_ERRORS, Arg, RedisBridge, unavailable
 from keys.errors import InvalidArgument, NotFound, StoreUnavailable
@@ -106,7 +106,10 @@ class MoneyPath:
         budget_mode: str = "reserve",
         reservation_ttl_s: int = 900,
         abandoned_grace_s: float = 0.2,
+        ledger: bool = False,
     ) -> None:
+        """`ledger`: append every charge and key event to the ledger stream of the key's
+        slot (a ledger sink is deployed: LEDGER_DATABASE_URL); else nothing grows."""
         if budget_mode not in BUDGET_MODES:
             raise ValueError(f"budget mode {budget_mode!r}: use reserve or after")
         self.redis = redis
@@ -122,6 +125,14 @@ class MoneyPath:
         # its one script call. A miss costs one extra call (the script says whose).
         self._owners: dict[str, tuple[str, str]] = {}
         self._orphans: set[asyncio.Future[int]] = set()  # releases in flight
+        self.ledger = ledger
+
+    def _ledger_keys(self, key_id: str) -> list[Arg]:
+        """The ledger stream of the key's slot, as the scripts take it (their last KEYS
+        entry), or nothing: no ledger."""
+        if not self.ledger:
+            return []
+        return [ledger_stream.stream_key(key_id, cluster=self.redis.cluster)]
 
     async def _run(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         try:
@@ -379,6 +390,7 @@ class MoneyPath:
         ]
         level_keys, level_args = self._levels_inline(owners)
         keys += level_keys
+        keys += self._ledger_keys(report.key_id)
         args: list[Arg] = [
             now,
             report.cost_nanos,
@@ -393,6 +405,8 @@ class MoneyPath:
             report.request_id,
             *level_args,
             report.family,
+            report.provider,
+            1 if self.ledger else 0,
         ]
         return scripts.decode_report(await self._run(scripts.REPORT_USAGE, keys, args))
 

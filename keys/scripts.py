@@ -29,7 +29,7 @@ def _lua(name: str) -> str:
 
 
 def _load(name: str, *, with_lib: bool = False) -> Script:
-    """`with_lib` prepends keys/lua/_lib.lua (roll_budget, same_digest)."""
+    """`with_lib` prepends keys/lua/_lib.lua (roll_budget, same_digest, key_event)."""
     return Script(name, (_lua("_lib") if with_lib else "") + _lua(name))
 
 
@@ -39,9 +39,11 @@ REPORT_USAGE: Final = _load("report_usage", with_lib=True)
 LEVEL_ADMIT: Final = _load("level_admit", with_lib=True)
 LEVEL_RELEASE: Final = _load("level_release", with_lib=True)
 LEVEL_SETTLE: Final = _load("level_settle", with_lib=True)
-CREATE: Final = _load("create")
-UPDATE: Final = _load("update")
-ROTATE: Final = _load("rotate")
+# the key events: each appends to the ledger stream when the caller passes one
+CREATE: Final = _load("create", with_lib=True)
+UPDATE: Final = _load("update", with_lib=True)
+ROTATE: Final = _load("rotate", with_lib=True)
+DELETE: Final = _load("delete", with_lib=True)
 SET_BUDGET: Final = _load("set_budget")  # keys/budgets.py: create or reconfigure a budget
 ALL: Final = (
     CHECK,
@@ -53,6 +55,7 @@ ALL: Final = (
     CREATE,
     UPDATE,
     ROTATE,
+    DELETE,
     SET_BUDGET,
 )
 
@@ -195,9 +198,9 @@ def decode_report(reply: Any) -> ReportReply:
     )
 
 
-# --- create.lua, update.lua, rotate.lua ----------------------------------------------
+# --- create.lua, update.lua, rotate.lua, delete.lua ----------------------------------
 
 
 def decode_done(reply: Any) -> bool:
-    """1: done; 0: no such key (update, rotate) or the id is taken (create)."""
+    """1: done; 0: no such key (update, rotate, delete) or the id is taken (create)."""
     return int(reply) == 1

@@ -62,7 +62,9 @@ class KeyStore(MoneyPath):
             record = keyspace.new_record(spec, keygen.digest(full_key), now)
             created = scripts.decode_done(
                 await self._run(
-                    scripts.CREATE, [keyspace.record_key(key_id)], keyspace.flatten(record)
+                    scripts.CREATE,
+                    [keyspace.record_key(key_id), *self._ledger_keys(key_id)],
+                    [now, *keyspace.flatten(record)],
                 )
             )
             if created:
@@ -116,18 +118,23 @@ class KeyStore(MoneyPath):
         ]
 
     async def revoke(self, key_id: str) -> VirtualKey:
-        await self._set_fields(key_id, keyspace.REVOKED_FIELDS)
+        await self._set_fields(key_id, keyspace.REVOKED_FIELDS, keyspace.REVOKED_EVENT)
         return await self.get(key_id)
 
     async def update(self, key_id: str, change: KeyUpdate) -> VirtualKey:
         fields = keyspace.changed_fields(change, self.clock())
         if fields:
-            await self._set_fields(key_id, fields)
+            await self._set_fields(key_id, fields, keyspace.UPDATED_EVENT)
         return await self.get(key_id)
 
-    async def _set_fields(self, key_id: str, fields: Mapping[str, str | int]) -> None:
+    async def _set_fields(self, key_id: str, fields: Mapping[str, str | int], event: str) -> None:
+        """`event` names the change in the ledger: updated, or revoked."""
         updated = scripts.decode_done(
-            await self._run(scripts.UPDATE, [keyspace.record_key(key_id)], keyspace.flatten(fields))
+            await self._run(
+                scripts.UPDATE,
+                [keyspace.record_key(key_id), *self._ledger_keys(key_id)],
+                [self.clock(), event, *keyspace.flatten(fields)],
+            )
         )
         if not updated:
             raise NotFound(f"key {key_id} not found")
@@ -135,10 +142,13 @@ class KeyStore(MoneyPath):
     async def rotate(self, key_id: str, prefix: str, grace_ms: int) -> tuple[str, VirtualKey]:
         """A new secret under the same id; the old one works for `grace_ms` more."""
         full_key = keygen.format_key(prefix, key_id, keygen.new_secret())
-        until = self.clock() + grace_ms if grace_ms > 0 else 0
+        now = self.clock()
+        until = now + grace_ms if grace_ms > 0 else 0
         rotated = scripts.decode_done(
             await self._run(
-                scripts.ROTATE, [keyspace.record_key(key_id)], [keygen.digest(full_key), until]
+                scripts.ROTATE,
+                [keyspace.record_key(key_id), *self._ledger_keys(key_id)],
+                [keygen.digest(full_key), until, now],
             )
         )
         if not rotated:
@@ -146,18 +156,25 @@ class KeyStore(MoneyPath):
         return full_key, await self.get(key_id)
 
     async def delete(self, key_id: str) -> None:
-        """Removes the record and its live index entries; usage history stays."""
+        """Removes the live index entries, then the record, its reservations and windows
+        (delete.lua, which tells the ledger); usage history stays. The script finding no
+        record (a retry after its first run, or a concurrent delete) is not an error: the
+        key is gone, as asked."""
         key = await self.get(key_id)
-        async with translated():
-            async with self.redis.client.pipeline(transaction=True) as pipe:
-                for index in keyspace.live_indexes(key.user_id, key.team_id):
-                    pipe.zrem(index, key_id)
-                await pipe.execute()
-            await self.redis.client.delete(
+        async with translated(), self.redis.client.pipeline(transaction=True) as pipe:
+            for index in keyspace.live_indexes(key.user_id, key.team_id):
+                pipe.zrem(index, key_id)
+            await pipe.execute()
+        await self._run(
+            scripts.DELETE,
+            [
                 keyspace.record_key(key_id),
                 keyspace.inflight_key(key_id),
                 keyspace.model_windows_key(key_id),
-            )
+                *self._ledger_keys(key_id),
+            ],
+            [self.clock()],
+        )
 
     async def validate(self, key: ParsedKey) -> tuple[Reason, VirtualKey | None]:
         """Read-only: what a Check would say about the key itself (not its model or limits)."""

@@ -1,4 +1,4 @@
--- Prepended to check.lua, authenticate.lua and report_usage.lua when they are loaded.
+-- Prepended to every script but set_budget.lua when it is loaded (keys/scripts.py).
 -- roll_budget starts a new budget period once its reset time has passed: spent goes back
 -- to 0 and the reset moves to the next boundary (fixed periods step by their length;
 -- calendar months jump to next_month, the first instant of the next UTC month, which
@@ -207,4 +207,28 @@ local function charge(rec, now, cost, tokens, window, next_month)
   else
     redis.call('HINCRBY', rec, 'win_tokens', tokens)
   end
+end
+
+
+-- The spend ledger (docs/design.md section 12). A script that changes a key appends to
+-- the ledger stream of the key's slot (`stream`: the caller passes it as the last KEYS
+-- entry, or nothing when no ledger is deployed, and then nothing is appended).
+-- A key event's `record` is the record's fields minus these, which change on most
+-- requests (rate window, reservations) or hold a rotated-out digest.
+local LEDGER_VOLATILE = {win_start = true, win_requests = true, win_tokens = true,
+  reserved = true, prev_hash = true, prev_hash_until = true}
+
+-- Bumps the record's `ver` (with or without a ledger, so versions only ever grow) and
+-- appends {type, key_id, ts, version, record}; the record as it is now: for `deleted`,
+-- call it before the record goes.
+local function key_event(stream, rec, kind, now)
+  local version = redis.call('HINCRBY', rec, 'ver', 1)
+  if not stream then return end
+  local flat = redis.call('HGETALL', rec)
+  local fields = {}
+  for i = 1, #flat, 2 do
+    if not LEDGER_VOLATILE[flat[i]] then fields[flat[i]] = flat[i + 1] end
+  end
+  redis.call('XADD', stream, '*', 'type', kind, 'key_id', string.match(rec, '^vk:{(.*)}$'),
+    'ts', now, 'version', string.format('%d', version), 'record', cjson.encode(fields))
 end

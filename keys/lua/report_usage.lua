@@ -7,6 +7,7 @@
 -- KEYS[4]  the key's open reservations, vk:{<id>}:inflight
 -- KEYS[5]  the key's per-model windows, vk:{<id>}:mwin
 -- KEYS[6..] levels inline (single Redis): user record and in-flight set, then the team's
+-- KEYS[#KEYS] the ledger stream of the key's slot, when ARGV[17] is 1 (after the levels)
 -- ARGV[1]  now, ms since the epoch
 -- ARGV[2]  cost, integer nano-USD
 -- ARGV[3]  total tokens (counted against TPM)
@@ -21,6 +22,8 @@
 -- ARGV[12] inline or apart (as check.lua's ARGV[11])
 -- ARGV[13] the user id whose budget KEYS[6..7] are; ARGV[14] the team id after it
 -- ARGV[15] the price-table entry that prices the model ('' none), for per-model limits
+-- ARGV[16] the provider, as reported (for the ledger)
+-- ARGV[17] 1: append the charge to the ledger stream (the last KEYS entry); 0: no ledger
 -- returns {status, spent, max_budget, settled, user_id, team_id, reserved}: status 0 unknown key,
 --   1 charged, 2 duplicate, 3 refused: the charge would overflow an int64 counter,
 --   10 inline levels needed and not given (or not these); settled 1 the request's
@@ -46,6 +49,8 @@ local key_id = string.match(KEYS[1], '^vk:{(.*)}$')
 
 local settled = release({rec = KEYS[1], inf = KEYS[4]}, id, now)
 charge(KEYS[1], now, cost, tokens, window, next_month)
+-- lifetime spend, never reset by a budget period: what the ledger must sum to
+redis.call('HINCRBY', KEYS[1], 'spent_total', cost)
 
 local model = ARGV[6]
 -- the per-model limit that counts this model: its exact name, else its price entry
@@ -79,6 +84,13 @@ redis.call('HINCRBY', KEYS[3], 'prompt_tokens:' .. model, ARGV[4])
 redis.call('HINCRBY', KEYS[3], 'completion_tokens:' .. model, ARGV[5])
 redis.call('HINCRBY', KEYS[3], 'cost:' .. model, cost)
 redis.call('EXPIRE', KEYS[3], ARGV[9])
+
+-- the ledger records the key's charge only (on Cluster, level_settle.lua appends nothing)
+if ARGV[17] == '1' then
+  redis.call('XADD', KEYS[#KEYS], '*', 'type', 'charge', 'key_id', key_id, 'ts', ARGV[1],
+    'request_id', id, 'model', model, 'provider', ARGV[16], 'prompt_tokens', ARGV[4],
+    'completion_tokens', ARGV[5], 'total_tokens', tokens, 'cost', cost)
+end
 
 f = redis.call('HMGET', KEYS[1], 'spent', 'max_budget', 'reserved')
 return {1, f[1], f[2], settled, user_id, team_id, f[3] or '0'}

@@ -1,11 +1,15 @@
--- Set fields on an existing key record; never creates one.
+-- Set fields on an existing key record; never creates one. (keys/lua/_lib.lua is
+-- prepended: key_event)
 -- KEYS[1]  the key's record hash, vk:{<id>}
--- ARGV     field, value, field, value, ...; the pseudo-field `-ml` first removes every
+-- KEYS[2]  the ledger stream of its slot (absent: no ledger, nothing is appended)
+-- ARGV[1]  now, ms since the epoch
+-- ARGV[2]  the ledger event: updated, or revoked (RevokeKey)
+-- ARGV[3..] field, value, field, value, ...; the pseudo-field `-ml` first removes every
 --          per-model limit (`ml:<model>`), so a new model_limits map replaces the old
 -- returns 1 updated, 0 no such key
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local fields = {}
-for i = 1, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   if ARGV[i] == '-ml' then
     for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
       if string.sub(name, 1, 3) == 'ml:' then redis.call('HDEL', KEYS[1], name) end
@@ -16,4 +20,5 @@ for i = 1, #ARGV, 2 do
   end
 end
 if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
+key_event(KEYS[2], KEYS[1], ARGV[2], ARGV[1])
 return 1

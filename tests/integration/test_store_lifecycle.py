@@ -10,6 +10,7 @@ import pytest
 
 from keys import keygen, scripts
 from keys.budget import parse_duration
+from keys.connection import Arg
 from keys.errors import InvalidArgument, NotFound
 from keys.keyspace import record_key
 from keys.model import KeyUpdate, Reason, RequestedModel, Status, UsageReport
@@ -271,13 +272,15 @@ async def test_team_usage_sums_its_keys_including_deleted_ones(store: KeyStore) 
 # --- scripts re-run by a client retry -------------------------------------------------
 
 
-async def test_create_script_rerun_recognises_its_own_key(store: KeyStore) -> None:
+async def test_create_script_rerun_recognises_its_own_key(
+    store: KeyStore, clock: ManualClock
+) -> None:
     full, key = await store.create(key_spec(), "sk-mp")
     fields: dict[str, str] = await store.redis.client.hgetall(record_key(key.id))  # type: ignore[assignment]
-    args = [item for pair in fields.items() for item in pair]
+    args: list[Arg] = [clock.now_ms, *(item for pair in fields.items() for item in pair)]
     assert await store.redis.scripts.run(scripts.CREATE, [record_key(key.id)], args) == 1
     other = dict(fields, hash=keygen.digest(full + "x"))
-    other_args = [item for pair in other.items() for item in pair]
+    other_args: list[Arg] = [clock.now_ms, *(item for pair in other.items() for item in pair)]
     assert await store.redis.scripts.run(scripts.CREATE, [record_key(key.id)], other_args) == 0
 
 
@@ -286,7 +289,7 @@ async def test_rotate_script_rerun_keeps_the_old_secrets_grace(
 ) -> None:
     _, key = await create(store)
     new_digest = keygen.digest(f"sk-mp-{key.key_id}-" + "N" * 43)
-    args: list[str | int] = [new_digest, clock.now_ms + 60_000]
+    args: list[Arg] = [new_digest, clock.now_ms + 60_000, clock.now_ms]
     record = [record_key(key.key_id)]
     assert await store.redis.scripts.run(scripts.ROTATE, record, args) == 1
     assert await store.redis.scripts.run(scripts.ROTATE, record, args) == 1  # the retry

@@ -85,3 +85,31 @@ def test_a_redis_url_is_shown_without_any_password(url: str) -> None:
     shown = redacted(url)
     assert "hunter2" not in shown and "***" in shown
     assert (shown.split("://")[0] == url.split("://")[0] and "@h:" in shown) or "//h:" in shown
+
+
+def test_no_ledger_database_by_default() -> None:
+    assert Settings.from_env({}).ledger_database_url == ""
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://ledger:hunter2@db:5432/ledger", "postgres://db/ledger?sslmode=require"]
+)
+def test_a_postgresql_ledger_url_is_kept_and_not_shown_in_repr(url: str) -> None:
+    s = Settings.from_env({"LEDGER_DATABASE_URL": url})
+    assert s.ledger_database_url == url
+    assert "hunter2" not in repr(s) and "ledger_database_url" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://ledger:hunter2@db/ledger",
+        "postgresql://",
+        "db:5432 user=ledger password=hunter2",
+        "redis://:hunter2@db:6379/0",
+    ],
+)
+def test_a_ledger_url_that_is_not_postgresql_is_refused_without_echoing_it(url: str) -> None:
+    with pytest.raises(SettingsError, match="LEDGER_DATABASE_URL") as refused:
+        Settings.from_env({"LEDGER_DATABASE_URL": url})
+    assert "hunter2" not in str(refused.value) and "postgresql://" in str(refused.value)
