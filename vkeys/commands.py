@@ -9,10 +9,12 @@ print one line on stderr and exit 1.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, date, datetime
 
 import grpc
 from google.protobuf.message import Message
@@ -183,8 +185,49 @@ def cmd_usage(api: Api, args: argparse.Namespace) -> int:
     field, value = chosen[0]
     request = keys_pb2.GetUsageRequest(days=args.days, **{field: value})
     reply = api.call(api.usage.GetUsage, request)
+    if args.csv:
+        write_csv(fmt.USAGE_CSV_COLUMNS, fmt.usage_csv_rows(reply.rows))
+        return 0
     subject = f"{field.removesuffix('_id')} {value}"
     emit(args, reply, fmt.usage_report(subject, reply, all_days=args.all_days))
+    return 0
+
+
+def write_csv(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(header)
+    out.writerows(rows)
+
+
+EXPORT_COLUMNS = ("key_id", "key_name", "user_id", "team_id", *fmt.USAGE_CSV_COLUMNS)
+
+
+def cmd_export(api: Api, args: argparse.Namespace) -> int:
+    """Every key's usage per day and model since a date, as CSV: one GetUsage per key
+    (ListKeys pages through the keys, the filters narrowing them)."""
+    try:
+        since = date.fromisoformat(args.since)
+        until = date.fromisoformat(args.until) if args.until else datetime.now(UTC).date()
+    except ValueError as err:
+        raise CliError(f"--since/--until: {err} (use YYYY-MM-DD)") from None
+    if since > until:
+        raise CliError("--since is after --until")
+    days = (datetime.now(UTC).date() - since).days + 1
+    if days < 1:
+        raise CliError("--since is in the future")
+    listing = keys_pb2.ListKeysRequest(user_id=args.user_id, team_id=args.team_id, page_size=200)
+    rows: list[list[str]] = []
+    while True:
+        page = api.call(api.keys.ListKeys, listing)
+        for key in page.keys:
+            usage = api.call(api.usage.GetUsage, keys_pb2.GetUsageRequest(key_id=key.id, days=days))
+            for row in fmt.usage_csv_rows(usage.rows):
+                if since.isoformat() <= row[0] <= until.isoformat():
+                    rows.append([key.id, key.name, key.user_id, key.team_id, *row])
+        if not page.next_page_token:
+            break
+        listing.page_token = page.next_page_token
+    write_csv(EXPORT_COLUMNS, rows)
     return 0
 
 
@@ -382,6 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--days", type=int32, default=30, help="UTC days back, today included (default 30)"
     )
     usage.add_argument("--all-days", action="store_true", help="chart days without usage too")
+    usage.add_argument("--csv", action="store_true", help="the rows (day, model) as CSV")
+
+    export = command(
+        "export", cmd_export, "every key's usage per day and model since a date, as CSV"
+    )
+    export.add_argument("--since", required=True, help="first UTC day, YYYY-MM-DD")
+    export.add_argument("--until", default="", help="last UTC day, YYYY-MM-DD (default today)")
+    export.add_argument("--user-id", default="", help="only this user's keys")
+    export.add_argument("--team-id", default="", help="only this team's keys")
 
     budget_help = "user and team budgets: set, get, list, delete"
     budget = sub.add_parser("budget", help=budget_help, description=budget_help)

@@ -267,3 +267,25 @@ def usage_report(subject: str, reply: keys_pb2.GetUsageResponse, all_days: bool 
             model_table(reply.rows),
         ]
     )
+
+
+USAGE_CSV_COLUMNS = ("date", "model", "requests", "prompt_tokens", "completion_tokens", "cost")
+
+
+def csv_cost(usd_value: float) -> str:
+    """USD to 9 places (nano-dollars, the store's unit), trailing zeros dropped."""
+    return f"{usd_value:.9f}".rstrip("0").rstrip(".") or "0"
+
+
+def usage_csv_rows(rows: Iterable[keys_pb2.UsageRow]) -> list[list[str]]:
+    return [
+        [
+            r.date,
+            r.model,
+            str(r.requests),
+            str(r.prompt_tokens),
+            str(r.completion_tokens),
+            csv_cost(r.cost),
+        ]
+        for r in rows
+    ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
 import os
 import re
+import secrets
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -235,6 +238,43 @@ def test_usage_json_is_the_get_usage_response(server: Server, clients: Clients) 
     reply = ok_json(server, "usage", key_id)
     assert reply["totals"]["cost"] == 0.5 and reply["key_ids"] == [key_id]
     assert [(r["model"], r["cost"]) for r in reply["rows"]] == [("gpt-4", 0.5)]
+
+
+def test_usage_csv_writes_a_row_per_day_and_model(server: Server, clients: Clients) -> None:
+    key_id = create(server, "--user-id=u1")["key_data"]["id"]
+    clients.report(key_id, "cli-csv-1", model="gpt-4", prompt_tokens=10, cost=0.123456789)
+    clients.report(key_id, "cli-csv-2", model="gpt-4o", completion_tokens=5, cost=0.5)
+    rows = list(csv.reader(io.StringIO(ok(server, "usage", key_id, "--csv"))))
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    assert rows == [
+        ["date", "model", "requests", "prompt_tokens", "completion_tokens", "cost"],
+        [today, "gpt-4", "1", "10", "0", "0.123456789"],
+        [today, "gpt-4o", "1", "0", "5", "0.5"],
+    ]
+
+
+def test_export_writes_every_key_of_a_team_since_a_date(server: Server, clients: Clients) -> None:
+    team = f"export-{secrets.token_hex(4)}"
+    first = create(server, "--user-id=u1", f"--team-id={team}", "--name=one")["key_data"]["id"]
+    second = create(server, "--user-id=u2", f"--team-id={team}", "--name=two")["key_data"]["id"]
+    create(server, "--user-id=u3", "--team-id=another-team")
+    clients.report(first, "cli-export-1", model="gpt-4", prompt_tokens=10, cost=0.25)
+    clients.report(second, "cli-export-2", model="gpt-4", prompt_tokens=20, cost=0.75)
+    today = dt.datetime.now(dt.UTC).date()
+    since = (today - dt.timedelta(days=3)).isoformat()
+    rows = list(csv.reader(io.StringIO(ok(server, "export", "--since", since, "--team-id", team))))
+    assert rows[0][:4] == ["key_id", "key_name", "user_id", "team_id"]
+    assert sorted(rows[1:]) == sorted(
+        [
+            [first, "one", "u1", team, today.isoformat(), "gpt-4", "1", "10", "0", "0.25"],
+            [second, "two", "u2", team, today.isoformat(), "gpt-4", "1", "20", "0", "0.75"],
+        ]
+    )
+
+
+def test_export_refuses_a_date_it_cannot_read(server: Server) -> None:
+    result = vkeys(server, "export", "--since", "last tuesday")
+    assert result.returncode != 0 and "YYYY-MM-DD" in result.stderr
 
 
 def test_user_flag_scopes_calls_to_that_user(server: Server) -> None:
