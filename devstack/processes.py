@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import random
 import secrets
 import shutil
@@ -12,12 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import psycopg
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +104,16 @@ class Process:
         return self.log_path.read_bytes()
 
 
-def spawn(args: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> Process:
+def spawn(
+    args: list[str],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    user: str | None = None,
+    cwd: Path | None = None,
+) -> Process:
+    """`args` in the background, output to `log_path` (opened here, so a process run as
+    another `user` needs no right to write there)."""
     log = log_path.open("ab")
     proc = subprocess.Popen(
         args,
@@ -109,6 +121,8 @@ def spawn(args: list[str], log_path: Path, env: Mapping[str, str] | None = None)
         stderr=subprocess.STDOUT,
         env=dict(env) if env is not None else None,
         stdin=subprocess.DEVNULL,
+        user=user,
+        cwd=cwd,
     )
     return Process(proc, log_path, log)
 
@@ -155,6 +169,132 @@ class RedisServer:
         if self.process is not None:
             self.process.stop(sig)
             self.process = None
+
+
+def postgres_bin(name: str) -> str:
+    """A PostgreSQL server program (initdb, postgres). Debian keeps them off PATH, under
+    /usr/lib/postgresql/<major>/bin: the newest major there, unless PATH has one."""
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    majors = sorted(
+        (p for p in Path("/usr/lib/postgresql").glob(f"*/bin/{name}") if p.parts[-3].isdigit()),
+        key=lambda p: int(p.parts[-3]),
+    )
+    if not majors:
+        raise FileNotFoundError(f"{name} not found; run `make install` (Debian's postgresql)")
+    return str(majors[-1])
+
+
+@dataclass
+class PostgresServer:
+    """A PostgreSQL of our own, for tests that stop and restart it: `initdb` into a new data
+    directory, then `postgres` in the foreground on a free loopback port (like RedisServer;
+    `pg_ctl` would daemonize it, and a test that dies would leave it running). PostgreSQL
+    refuses to run as root, so as root it runs as the `postgres` user, with its data in a
+    directory of the system's temp dir that user owns; `remove()` deletes it."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    process: Process | None = None
+    data: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def user(self) -> str | None:
+        return "postgres" if os.geteuid() == 0 else None
+
+    def start(self, timeout: float = 30) -> PostgresServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.data is None:
+            self.data = self._initdb()
+        args = [
+            postgres_bin("postgres"),
+            "-D",
+            str(self.data),
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "unix_socket_directories=",
+            "-c",
+            "fsync=off",  # a test kills processes, not machines: the page cache survives
+        ]
+        self.process = spawn(args, self.directory / "postgres.log", user=self.user, cwd=self.data)
+        self._wait_ready(timeout)
+        return self
+
+    def _initdb(self) -> Path:
+        if self.user is None:
+            data = self.directory / "data"
+        else:
+            data = Path(tempfile.mkdtemp(prefix="extauthz-pg-"))
+            owner = pwd.getpwnam(self.user)
+            os.chown(data, owner.pw_uid, owner.pw_gid)
+        with (self.directory / "initdb.log").open("ab") as log:
+            subprocess.run(
+                [
+                    postgres_bin("initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=True,
+                user=self.user,
+                cwd=data,
+            )
+        return data
+
+    def _wait_ready(self, timeout: float) -> None:
+        """The port opens before recovery ends: wait for a connection to be accepted."""
+        proc = self.running().proc
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.url, connect_timeout=1).close()
+                return
+            except psycopg.OperationalError:
+                log = self.running().log_text()[-2000:]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"postgres exited with {proc.returncode}:\n{log}") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"postgres on port {self.port} not ready:\n{log}") from None
+                time.sleep(0.1)
+
+    def running(self) -> Process:
+        if self.process is None:
+            raise RuntimeError(f"postgres in {self.directory} is not running")
+        return self.process
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        """SIGINT: PostgreSQL's fast shutdown (clients are disconnected); SIGQUIT: its
+        immediate shutdown, a crash that the next start recovers from."""
+        if self.process is not None:
+            self.process.stop(sig)
+            self.process = None
+
+    def restart(self, sig: int = signal.SIGINT) -> None:
+        self.stop(sig)
+        self.start()
+
+    def remove(self) -> None:
+        self.stop()
+        if self.data is not None:
+            shutil.rmtree(self.data, ignore_errors=True)
+            self.data = None
 
 
 def extauthz_env(

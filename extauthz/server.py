@@ -215,6 +215,11 @@ class PortInUse(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ledger"]:  # its own process and arguments; psycopg only there
+        from ledger.cli import main as ledger_main
+
+        return ledger_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="extauthz",
         description="Envoy ext_authz / nginx auth_request server for virtual LLM API keys.",
@@ -231,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="server processes sharing the ports (default: EXTAUTHZ_WORKERS, else 1)",
+    )
+    sub.add_parser(
+        "ledger",
+        help="the spend ledger: run | migrate | reconcile (`extauthz ledger --help`)",
+        add_help=False,
     )
     args = parser.parse_args(argv)
     try:

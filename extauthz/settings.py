@@ -360,10 +360,11 @@ def redis_url_from(env: Mapping[str, str]) -> str:
     return f"redis://{quote(host)}:{port}/{db}"
 
 
-def help_table() -> str:
-    """The variables, their meaning, bounds and defaults, for `extauthz serve --help`."""
+def help_table(variables: tuple[Variable, ...] = VARIABLES) -> str:
+    """The variables, their meaning, bounds and defaults, for `extauthz serve --help` (and
+    `extauthz ledger --help`, with its own)."""
     rows = []
-    for v in VARIABLES:
+    for v in variables:
         bounds = v.parse.__doc__ or ""  # integer() and usd() state their range there
         notes = [bounds] if ".." in bounds else []
         notes.append(f"default {v.default}" if v.default else "none")

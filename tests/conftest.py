@@ -4,12 +4,15 @@ upstream and Envoy. Tests that break a server start their own."""
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from devstack import processes as p
 from devstack.mock_upstream import MockUpstream
@@ -48,6 +51,59 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     server = p.RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server.url
+    server.stop()
+
+
+MACHINE_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _accepts(url: str) -> bool:
+    try:
+        psycopg.connect(url, connect_timeout=2).close()
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL the tests may create databases in: the machine's (127.0.0.1:5432, trust,
+    user postgres) where it runs one, else one of our own for the session."""
+    if p.port_open(5432) and _accepts(MACHINE_POSTGRES):
+        yield MACHINE_POSTGRES
+        return
+    server = p.PostgresServer(tmp_path_factory.mktemp("postgres")).start()
+    yield server.url
+    server.remove()
+
+
+def create_database(admin_url: str) -> tuple[str, str]:
+    """A new, empty database with a random name: (name, its URL)."""
+    name = f"ledger_test_{secrets.token_hex(6)}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}".encode())
+    return name, make_conninfo(admin_url, dbname=name)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)".encode())
+
+
+@pytest.fixture
+def ledger_db(postgres_admin_url: str) -> Iterator[str]:
+    """The URL of an empty database of this test's own, dropped after it."""
+    name, url = create_database(postgres_admin_url)
+    yield url
+    drop_database(postgres_admin_url, name)
+
+
+@pytest.fixture
+def ledger_redis(tmp_path: Path) -> Iterator[p.RedisServer]:
+    """A redis-server of this test's own: the ledger's streams and its key scan see every
+    key, so no other test's may be there."""
+    server = p.RedisServer(tmp_path / "redis").start()
+    yield server
     server.stop()
 
 
