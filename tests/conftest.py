@@ -8,11 +8,11 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from devstack import processes as p
 from devstack.mock_upstream import MockUpstream
@@ -82,7 +82,7 @@ def create_database(admin_url: str) -> tuple[str, str]:
     name = f"ledger_test_{secrets.token_hex(6)}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}".encode())
-    return name, make_conninfo(admin_url, dbname=name)
+    return name, urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
 
 
 def drop_database(admin_url: str, name: str) -> None:
