@@ -1,12 +1,14 @@
 """`make run`: Redis (the one REDIS_URL or REDIS_HOST/PORT/DB name, else one on 6379, else
-its own), the authz server, Envoy on 127.0.0.1:10000 and the mock upstream, in the
-foreground; the banner says whose Redis it is and whether it answers. Ctrl-C stops it all."""
+its own), the authz server, Envoy on 127.0.0.1:10000 and the mock upstream, and with
+LEDGER_DATABASE_URL set the ledger's sink, in the foreground; the banner says whose Redis
+it is and whether it answers. Ctrl-C stops it all."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import urllib.error
@@ -17,6 +19,7 @@ from devstack import processes as p
 from devstack import redis_target
 from devstack.mock_upstream import MockUpstream
 from extauthz.settings import Settings, SettingsError
+from ledger.settings import database_label
 
 RUN_DIR = p.ROOT / ".run"
 
@@ -64,6 +67,8 @@ def main() -> int:
             },
         )
         started.append(server.process)
+        if settings.ledger_database_url:
+            started.append(start_ledger(redis.env.get("REDIS_URL")))
         upstream = MockUpstream(
             ports["upstream"],
             f"127.0.0.1:{ports['extauthz']}",
@@ -99,6 +104,24 @@ def main() -> int:
             upstream.stop()
         p.terminate_all(started)
         print("stopped", flush=True)
+
+
+def start_ledger(redis_url: str | None) -> p.Process:
+    """LEDGER_DATABASE_URL is set: the ledger's schema migrated, then its sink running
+    next to the server (its log: .run/ledger.log). Without it, nothing of the ledger runs."""
+    env = dict(os.environ)
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
+    log_path = RUN_DIR / "ledger.log"
+    migrate = subprocess.run(
+        [p.executable("extauthz"), "ledger", "migrate"], env=env, capture_output=True, text=True
+    )
+    if migrate.returncode != 0:
+        raise RuntimeError(f"extauthz ledger migrate: {migrate.stderr.strip()}")
+    sink = p.spawn([p.executable("extauthz"), "ledger", "run"], log_path, env)
+    p.wait_log(sink, '"msg": "ledger sink started"')
+    print(f"ledger: writing to {database_label(env['LEDGER_DATABASE_URL'])} (log .run/ledger.log)")
+    return sink
 
 
 def ready(http_port: int) -> bool:

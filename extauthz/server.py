@@ -25,6 +25,7 @@ from extauthz.decision import Decider
 from extauthz.errors import add_servicer
 from extauthz.health import HealthServicer, RedisWatch
 from extauthz.http import HttpEndpoint
+from extauthz.ledger_history import LedgerHistory
 from extauthz.logs import configure
 from extauthz.metrics import Metrics
 from extauthz.replay import replay_forever
@@ -68,6 +69,8 @@ async def serve(settings: Settings) -> None:
         else None
     )
     prices = PriceTable.load(settings.prices_path) if settings.prices_path else PriceTable.builtin()
+    # GetUsage past Redis's retention reads the ledger (connects on first use only)
+    history = LedgerHistory(settings.ledger_database_url) if settings.ledger_database_url else None
     redis = RedisBridge.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
     store = KeyStore(
         redis,
@@ -100,7 +103,7 @@ async def serve(settings: Settings) -> None:
     add_servicer(
         server,
         keys_pb2.DESCRIPTOR.services_by_name["UsageService"],
-        UsageService(store, settings, prices, metrics, journal),
+        UsageService(store, settings, prices, metrics, journal, history),
     )
     add_servicer(
         server,
@@ -193,6 +196,8 @@ async def serve(settings: Settings) -> None:
     http.close()
     await http.wait_closed()
     await redis.aclose()
+    if history is not None:
+        await history.close()
     log.info("stopped")
 
 

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
+from datetime import date, timedelta
 
 import grpc
 
 from extauthz import convert
 from extauthz.access import readable_key, require_admin, require_reporter, scoped, usage_key_ids
 from extauthz.errors import rpc_errors
+from extauthz.ledger_history import MAX_DAYS, LedgerHistory
 from extauthz.metrics import Metrics
 from extauthz.settings import Settings
 from keys import validation
 from keys.errors import InvalidArgument, NotFound, StoreUnavailable
 from keys.journal import UsageJournal
-from keys.model import UsageReport
+from keys.model import UsageReport, UsageSummary
 from keys.money import nanos_to_usd
 from keys.pricing import PriceTable
 from keys.store import KeyStore
@@ -33,12 +36,14 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
         prices: PriceTable,
         metrics: Metrics,
         journal: UsageJournal | None = None,
+        history: LedgerHistory | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.prices = prices
         self.metrics = metrics
         self.journal = journal
+        self.history = history  # days older than Redis keeps, from the spend ledger
 
     def report_from(self, request: keys_pb2.ReportUsageRequest) -> UsageReport:
         key_id = validation.key_id("key_id", request.key_id)
@@ -144,13 +149,28 @@ class UsageService(keys_pb2_grpc.UsageServiceServicer):
         chosen = [f for f in ("key_id", "user_id", "team_id") if getattr(request, f)]
         if len(chosen) != 1:
             raise InvalidArgument("send exactly one of key_id, user_id, team_id")
-        days = validation.days(request.days, self.settings.usage_retention_days)
+        retention = self.settings.usage_retention_days
+        if self.history is None:
+            days = validation.days(request.days, retention)
+        else:
+            days = validation.days(request.days, MAX_DAYS, "with the spend ledger")
         if request.key_id:
             key_id = validation.key_id("key_id", request.key_id)
             await readable_key(context, self.settings, self.store, key_id)
-            return convert.usage(await self.store.usage([key_id], days))
-        user = await require_admin(context, self.settings)
-        key_ids = await usage_key_ids(
-            self.store, user, user_id=request.user_id, team_id=request.team_id
-        )
-        return convert.usage(await self.store.usage(key_ids, days))
+            key_ids = [key_id]
+        else:
+            user = await require_admin(context, self.settings)
+            key_ids = await usage_key_ids(
+                self.store, user, user_id=request.user_id, team_id=request.team_id
+            )
+        return convert.usage(await self._usage(key_ids, days, retention))
+
+    async def _usage(self, key_ids: list[str], days: int, retention: int) -> UsageSummary:
+        """Redis's rollups for the days it keeps; the ledger for the days before them."""
+        recent = await self.store.usage(key_ids, min(days, retention))
+        if days <= retention or self.history is None:
+            return recent
+        first_recent = date.fromisoformat(recent.start_date)
+        first = first_recent - timedelta(days=days - retention)
+        older = await self.history.rows(key_ids, first, first_recent - timedelta(days=1))
+        return replace(recent, rows=(*older, *recent.rows), start_date=first.isoformat())

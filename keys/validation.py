@@ -150,13 +150,13 @@ def grace_seconds(value: int, maximum: int = 30 * 86_400) -> int:
     return value
 
 
-def days(value: int, maximum: int, default: int = 30) -> int:
+def days(
+    value: int, maximum: int, bound: str = "EXTAUTHZ_USAGE_RETENTION_DAYS", default: int = 30
+) -> int:
     if value == 0:
         return min(default, maximum)
     if not 1 <= value <= maximum:
-        raise InvalidArgument(
-            f"days must be from 1 to {maximum} (EXTAUTHZ_USAGE_RETENTION_DAYS); 0 means {default}"
-        )
+        raise InvalidArgument(f"days must be from 1 to {maximum} ({bound}); 0 means {default}")
     return value
 
 
