@@ -133,6 +133,31 @@ async def test_postgres_restarted_mid_run_loses_nothing(
     assert key_totals(url, key) == (usd(total), 500, usd(total))
 
 
+async def test_the_lag_keeps_counting_what_arrives_while_postgres_is_down(
+    ledger_redis: RedisServer, redis: Client, own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """The gauge the ExtauthzLedgerBehind alert reads: an outage is when it matters, and
+    the sink spends it retrying one batch."""
+    _, url = create_database(own_postgres.url)
+    await migrated(url)
+    half = RedisHalf(redis)
+    key = await half.create_key()
+    sink, port = start_sink(ledger_redis.url, url, tmp_path / "sink.log")
+    try:
+        await charges(half, key, 0, 10)
+        assert eventually(lambda: usage_count(url) == 10)
+        own_postgres.stop(signal.SIGQUIT)
+        await charges(half, key, 10, 50)  # the batch the sink is stuck on
+        assert eventually(lambda: metric(port, 'extauthz_ledger_errors_total{kind="postgres"}') > 0)
+        await charges(half, key, 60, 300)  # behind it
+        assert eventually(lambda: metric(port, "extauthz_ledger_lag") == 350, timeout=15)
+        own_postgres.start()
+        assert eventually(lambda: usage_count(url) == 360, timeout=30)
+        assert eventually(lambda: metric(port, "extauthz_ledger_lag") == 0)
+    finally:
+        assert sink.stop() == 0
+
+
 async def test_redis_restarted_mid_run_is_read_again_once_back(db: str, tmp_path: Path) -> None:
     own = RedisServer(tmp_path / "own-redis", appendonly=True).start()
     client = connect(own.url, timeout_s=5)
