@@ -20,6 +20,7 @@ from bench import (
     check_bench,
     envoy_bench,
     keyspace_bench,
+    ledger_bench,
     load,
     money_bench,
     money_redis_bench,
@@ -119,6 +120,9 @@ def run(root: Path, started: float, only: set[str]) -> list[Row]:
         if "12" in only:
             _step("12: the usage tap through Envoy, vs no tap and vs the Check", started)
             rows += tap_bench.measure(stack, ours, redis_pid, noop_port, noop.proc.pid)
+        if "13" in only:
+            _step("13: the ledger sink's charges/s, and the Check with it running vs not", started)
+            rows += ledger_bench.measure(stack)
         _step("done", started)
         return rows
     finally:
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "--only",
-        default=",".join(str(n) for n in range(1, 13)),
+        default=",".join(str(n) for n in range(1, 14)),
         help="comma-separated rows to run (default: all)",
     )
     only = set(parser.parse_args(argv).only.split(","))

@@ -26,6 +26,7 @@ class Target:
     counter: Callable[[], float] | None = None  # must grow by the requests of each run
     pids: Sequence[int] = ()  # the server's processes
     other_pids: Sequence[int] = ()  # e.g. Redis, reported apart
+    before: Callable[[], None] | None = None  # sets the machine up for each of its runs
 
 
 @dataclass
@@ -86,6 +87,8 @@ def _run(
     target: Target, requests: int, clients: int, streams: int
 ) -> tuple[load.LoadResult, float, float]:
     """One load run: its result and the CPU seconds of the target's processes during it."""
+    if target.before is not None:
+        target.before()
     before = target.counter() if target.counter else 0.0
     cpu, other = _cpu(target.pids), _cpu(target.other_pids)
     result = load.run(

@@ -56,6 +56,17 @@ def metric(http_port: int, name: str, labels: str) -> float:
     return 0.0
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its children (PostgreSQL's backends are children of its postmaster)."""
+    found = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time of the processes (all their threads), from /proc."""
     total = 0
@@ -71,10 +82,17 @@ class Stack:
     root: Path
     processes: list[p.Process] = field(default_factory=list)
     redises: list[p.RedisServer] = field(default_factory=list)
+    postgreses: list[p.PostgresServer] = field(default_factory=list)
 
     def redis(self, name: str) -> p.RedisServer:
         server = p.RedisServer(self.root / name)
         self.redises.append(server)
+        return server.start()
+
+    def postgres(self, name: str) -> p.PostgresServer:
+        """A PostgreSQL of the run's own, with fsync on (every commit reaches the disk)."""
+        server = p.PostgresServer(self.root / name, fsync=True)
+        self.postgreses.append(server)
         return server.start()
 
     def cluster_node(self, name: str, timeout: float = 10) -> str:
@@ -181,3 +199,6 @@ class Stack:
         for server in reversed(self.redises):
             with contextlib.suppress(Exception):
                 server.stop()
+        for postgres in self.postgreses:
+            with contextlib.suppress(Exception):
+                postgres.remove()

@@ -198,6 +198,9 @@ class PostgresServer:
     port: int = field(default_factory=free_port)
     process: Process | None = None
     data: Path | None = None
+    # False (tests): no fsync, as a test kills processes, not machines. True (bench): every
+    # commit reaches the disk, as in production.
+    fsync: bool = False
 
     @property
     def url(self) -> str:
@@ -222,7 +225,7 @@ class PostgresServer:
             "-c",
             "unix_socket_directories=",
             "-c",
-            "fsync=off",  # a test kills processes, not machines: the page cache survives
+            f"fsync={'on' if self.fsync else 'off'}",
         ]
         self.process = spawn(args, self.directory / "postgres.log", user=self.user, cwd=self.data)
         self._wait_ready(timeout)

@@ -113,9 +113,7 @@ class Sink:
                 self._next_forget = now + FORGET_EVERY_S
             self._recovering = True
             self._next_scan = now + self.rescan_s
-        if now >= self._next_lag:
-            self.metrics.lag.set(await self.streams.lag(self.streams.known))
-            self._next_lag = now + self.lag_every_s
+        await self._refresh_lag()
         if self._recovering:  # what this consumer holds unacknowledged, before new entries
             entries = await self.streams.own()
             if entries:
@@ -137,6 +135,9 @@ class Sink:
                 self._failed("postgres", exc)
             if stop.is_set():
                 return False
+            # the batch waits; what arrives behind it must still show in the gauge
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self._refresh_lag()
             await self.backoff.wait(stop)
         self.metrics.count(written)
         if written.rejects:
@@ -162,6 +163,16 @@ class Sink:
             },
         )
         return True
+
+    async def _refresh_lag(self) -> None:
+        """The lag gauge, at most every `lag_every_s`: between batches, and on each retry
+        of a batch PostgreSQL refuses, so that an outage (when the gauge matters, and the
+        sink spends all its time retrying one batch) does not freeze it at the value it had
+        before."""
+        now = time.monotonic()
+        if now >= self._next_lag:
+            self.metrics.lag.set(await self.streams.lag(self.streams.known))
+            self._next_lag = now + self.lag_every_s
 
     async def _write(self, entries: Sequence[Entry]) -> Written:
         async with self.pool.connection() as conn:

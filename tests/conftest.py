@@ -8,7 +8,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import grpc
 import psycopg
@@ -78,11 +78,12 @@ def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
 
 
 def create_database(admin_url: str) -> tuple[str, str]:
-    """A new, empty database with a random name: (name, its URL)."""
+    """A new, empty database with a random name: (name, its postgresql:// URL; the server
+    and the sink take LEDGER_DATABASE_URL only in that form, not as key=value conninfo)."""
     name = f"ledger_test_{secrets.token_hex(6)}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}".encode())
-    return name, urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
+    return name, urlsplit(admin_url)._replace(path=f"/{name}").geturl()
 
 
 def drop_database(admin_url: str, name: str) -> None:

@@ -1,22 +1,28 @@
 """What the ledger tests share: stream entries written as docs/design.md section 12 has the
-Lua scripts write them (record hash, `spent_total`, XADD to the key's stream), and a sink
-wired to real Redis and PostgreSQL."""
+Lua scripts write them (record hash, `spent_total`, XADD to the key's stream), a sink
+wired to real Redis and PostgreSQL in this process, and `extauthz ledger` as a process
+(the sink, migrate, reconcile)."""
 
 from __future__ import annotations
 
 import asyncio
 import binascii
 import json
+import os
 import secrets
+import subprocess
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, cast
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from devstack.processes import Process, executable, free_port, spawn, wait_log
 from keys import keygen
 from keys.connection import Client, connect
 from keys.keyspace import new_record, record_key
@@ -183,3 +189,83 @@ async def until_lag_zero(streams: Streams, within_s: float = 10) -> bool:
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+STARTED = '"msg": "ledger sink started"'
+
+
+def ledger_env(redis_url: str, database_url: str) -> dict[str, str]:
+    """Our environment without LEDGER_* and REDIS_* settings, then these two."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEDGER_", "REDIS_"))}
+    return env | {"REDIS_URL": redis_url, "LEDGER_DATABASE_URL": database_url}
+
+
+def ledger_command(
+    redis_url: str, database_url: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`extauthz ledger <args>` (migrate, reconcile) run to its end."""
+    return subprocess.run(
+        [executable("extauthz"), "ledger", *args],
+        env=ledger_env(redis_url, database_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def reconcile(
+    redis_url: str, database_url: str, *args: str, lag_wait_s: float = 0.5
+) -> subprocess.CompletedProcess[str]:
+    """`extauthz ledger reconcile`, as an operator runs it."""
+    return ledger_command(
+        redis_url, database_url, "reconcile", "--lag-wait-seconds", str(lag_wait_s), *args
+    )
+
+
+def start_sink(
+    redis_url: str,
+    database_url: str,
+    log_path: Path,
+    *args: str,
+    consumer: str | None = None,
+    metrics_port: int | None = None,
+) -> tuple[Process, int]:
+    """`extauthz ledger run` as a process of its own (short blocking reads), returned once it
+    logs that it started; (the process, its metrics port)."""
+    port = metrics_port or free_port()
+    env = ledger_env(redis_url, database_url)
+    env |= {"LEDGER_METRICS_PORT": str(port), "EXTAUTHZ_LOG_LEVEL": "INFO"}
+    if consumer:
+        env["LEDGER_CONSUMER"] = consumer
+    before = log_path.stat().st_size if log_path.exists() else 0
+    process = spawn(
+        [executable("extauthz"), "ledger", "run", "--block-ms", "100", *args], log_path, env
+    )
+    wait_log(process, STARTED, offset=before)
+    return process, port
+
+
+def usage_count(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM key_usage").fetchone()
+    return int(row[0]) if row else 0
+
+
+def key_totals(url: str, key_id: str) -> tuple[Decimal, int, Decimal]:
+    """virtual_keys.spent, total_requests, and the sum of its key_usage."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT spent, total_requests, (SELECT sum(cost) FROM key_usage WHERE key_id = %s) "
+            "FROM virtual_keys WHERE id = %s",
+            (key_id, key_id),
+        ).fetchone()
+    assert row is not None
+    return Decimal(row[0]), int(row[1]), Decimal(row[2])
+
+
+def metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    return 0.0

@@ -6,84 +6,28 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from decimal import Decimal
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from devstack.processes import (
-    PostgresServer,
-    Process,
-    RedisServer,
-    executable,
-    free_port,
-    spawn,
-    wait_log,
-)
+from devstack.processes import PostgresServer, RedisServer, executable, free_port, spawn, wait_log
 from keys.connection import Client, connect
 from ledger.streams import Streams
 from tests.conftest import create_database
 from tests.helpers import eventually
-from tests.ledger_support import RedisHalf, migrated, until_lag_zero, usd
+from tests.ledger_support import (
+    RedisHalf,
+    key_totals,
+    metric,
+    migrated,
+    start_sink,
+    until_lag_zero,
+    usage_count,
+    usd,
+)
 
 pytestmark = pytest.mark.integration
-
-STARTED = '"msg": "ledger sink started"'
-
-
-def start_sink(
-    redis_url: str,
-    database_url: str,
-    log_path: Path,
-    *args: str,
-    consumer: str | None = None,
-    metrics_port: int | None = None,
-) -> tuple[Process, int]:
-    port = metrics_port or free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEDGER_", "REDIS_"))}
-    env |= {
-        "REDIS_URL": redis_url,
-        "LEDGER_DATABASE_URL": database_url,
-        "LEDGER_METRICS_PORT": str(port),
-        "EXTAUTHZ_LOG_LEVEL": "INFO",
-    }
-    if consumer:
-        env["LEDGER_CONSUMER"] = consumer
-    before = log_path.stat().st_size if log_path.exists() else 0
-    process = spawn(
-        [executable("extauthz"), "ledger", "run", "--block-ms", "100", *args], log_path, env
-    )
-    wait_log(process, STARTED, offset=before)
-    return process, port
-
-
-def usage_count(url: str) -> int:
-    with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT count(*) FROM key_usage").fetchone()
-    return int(row[0]) if row else 0
-
-
-def key_totals(url: str, key_id: str) -> tuple[Decimal, int, Decimal]:
-    """virtual_keys.spent, total_requests, and the sum of its key_usage."""
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT spent, total_requests, (SELECT sum(cost) FROM key_usage WHERE key_id = %s) "
-            "FROM virtual_keys WHERE id = %s",
-            (key_id, key_id),
-        ).fetchone()
-    assert row is not None
-    return Decimal(row[0]), int(row[1]), Decimal(row[2])
-
-
-def metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
-        for line in reply.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[-1])
-    return 0.0
 
 
 @pytest.fixture
@@ -187,6 +131,31 @@ async def test_postgres_restarted_mid_run_loses_nothing(
     finally:
         assert sink.stop() == 0
     assert key_totals(url, key) == (usd(total), 500, usd(total))
+
+
+async def test_the_lag_keeps_counting_what_arrives_while_postgres_is_down(
+    ledger_redis: RedisServer, redis: Client, own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """The gauge the ExtauthzLedgerBehind alert reads: an outage is when it matters, and
+    the sink spends it retrying one batch."""
+    _, url = create_database(own_postgres.url)
+    await migrated(url)
+    half = RedisHalf(redis)
+    key = await half.create_key()
+    sink, port = start_sink(ledger_redis.url, url, tmp_path / "sink.log")
+    try:
+        await charges(half, key, 0, 10)
+        assert eventually(lambda: usage_count(url) == 10)
+        own_postgres.stop(signal.SIGQUIT)
+        await charges(half, key, 10, 50)  # the batch the sink is stuck on
+        assert eventually(lambda: metric(port, 'extauthz_ledger_errors_total{kind="postgres"}') > 0)
+        await charges(half, key, 60, 300)  # behind it
+        assert eventually(lambda: metric(port, "extauthz_ledger_lag") == 350, timeout=15)
+        own_postgres.start()
+        assert eventually(lambda: usage_count(url) == 360, timeout=30)
+        assert eventually(lambda: metric(port, "extauthz_ledger_lag") == 0)
+    finally:
+        assert sink.stop() == 0
 
 
 async def test_redis_restarted_mid_run_is_read_again_once_back(db: str, tmp_path: Path) -> None:

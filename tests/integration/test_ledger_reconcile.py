@@ -3,17 +3,15 @@ the nano-dollar, 1 with a line naming each key that differs, 2 while the sink is
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
 
-from devstack.processes import RedisServer, executable
+from devstack.processes import RedisServer
 from keys.connection import Client, connect
 from keys.keyspace import record_key
-from tests.ledger_support import RedisHalf, migrated, running_sink
+from tests.ledger_support import RedisHalf, migrated, reconcile, running_sink
 
 pytestmark = pytest.mark.integration
 
@@ -29,18 +27,6 @@ async def redis(ledger_redis: RedisServer) -> AsyncIterator[Client]:
 async def db(ledger_db: str) -> str:
     await migrated(ledger_db)
     return ledger_db
-
-
-def reconcile(redis_url: str, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEDGER_", "REDIS_"))}
-    env |= {"REDIS_URL": redis_url, "LEDGER_DATABASE_URL": database_url}
-    return subprocess.run(
-        [executable("extauthz"), "ledger", "reconcile", "--lag-wait-seconds", "0.5", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def written(half: RedisHalf, redis_url: str, db: str) -> tuple[str, str]:
