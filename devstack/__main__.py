@@ -22,6 +22,7 @@ from extauthz.settings import Settings, SettingsError
 from ledger.settings import database_label
 
 RUN_DIR = p.ROOT / ".run"
+LEDGER_METRICS_PORT = int(os.environ.get("LEDGER_METRICS_PORT") or 9193)
 
 
 def main() -> int:
@@ -33,7 +34,10 @@ def main() -> int:
         print(f"make run: {exc}", file=sys.stderr)
         return 2
     http_port = settings.http_port
-    busy = [f"{n}={port}" for n, port in [*ports.items(), ("http", http_port)] if p.port_open(port)]
+    needed = [*ports.items(), ("http", http_port)]
+    if settings.ledger_database_url:
+        needed.append(("ledger-metrics", LEDGER_METRICS_PORT))
+    busy = [f"{n}={port}" for n, port in needed if p.port_open(port)]
     if busy:
         print(f"make run: ports already in use: {', '.join(busy)}", file=sys.stderr)
         return 1
@@ -117,9 +121,10 @@ def start_ledger(redis_url: str | None) -> p.Process:
         [p.executable("extauthz"), "ledger", "migrate"], env=env, capture_output=True, text=True
     )
     if migrate.returncode != 0:
-        raise RuntimeError(f"extauthz ledger migrate: {migrate.stderr.strip()}")
+        raise RuntimeError(migrate.stderr.strip())  # it names itself: "extauthz ledger: ..."
+    before = log_path.stat().st_size if log_path.exists() else 0  # earlier runs' lines
     sink = p.spawn([p.executable("extauthz"), "ledger", "run"], log_path, env)
-    p.wait_log(sink, '"msg": "ledger sink started"')
+    p.wait_log(sink, '"msg": "ledger sink started"', offset=before)
     print(f"ledger: writing to {database_label(env['LEDGER_DATABASE_URL'])} (log .run/ledger.log)")
     return sink
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
+import psycopg
 import pytest
 import redis
 
@@ -151,3 +153,53 @@ def test_make_run_says_redis_cannot_be_reached_instead_of_ready_then_when_it_ans
             assert eventually(lambda: "answers now: ready" in run.text, timeout=20), run.text
         finally:
             late.stop()
+
+
+def test_make_run_with_a_ledger_starts_its_sink_and_a_request_lands_in_postgres(
+    ledger_redis: p.RedisServer, ledger_db: str
+) -> None:
+    """No ReportUsage anywhere: the tap charges the mock's answer, the script appends it,
+    the sink make run started copies it."""
+    env = stack_env("127.0.0.1", ledger_redis.port)
+    env.update(LEDGER_DATABASE_URL=ledger_db, LEDGER_METRICS_PORT=str(p.free_port()))
+    with make_run(env) as run:
+        assert "ledger: writing to" in run.text and "password" not in run.text
+        with grpc.insecure_channel(f"127.0.0.1:{FIXED['extauthz']}") as channel:
+            key, data = Clients(channel, ADMIN, "").create_key(max_budget=1)
+        reply = fetch(
+            FIXED["listener"],
+            "POST",
+            "/v1/chat/completions",
+            {"authorization": f"Bearer {key}", "content-type": "application/json"},
+            chat_body(),
+        )
+        assert reply.status == 200, reply.body
+
+        def written() -> int:
+            with psycopg.connect(ledger_db) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM key_usage WHERE key_id = %s", (data.id,)
+                ).fetchone()
+            return int(row[0]) if row else 0
+
+        assert eventually(lambda: written() == 1, timeout=20)
+
+
+def test_make_run_with_a_ledger_refuses_to_start_when_the_sinks_port_is_taken(
+    ledger_redis: p.RedisServer, ledger_db: str
+) -> None:
+    env = stack_env("127.0.0.1", ledger_redis.port)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env.update(LEDGER_DATABASE_URL=ledger_db, LEDGER_METRICS_PORT=str(taken.getsockname()[1]))
+        done = subprocess.run(
+            [sys.executable, "-m", "devstack"],
+            cwd=p.ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert "ports already in use" in done.stderr and "ledger-metrics=" in done.stderr
