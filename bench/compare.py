@@ -26,6 +26,7 @@ class Target:
     counter: Callable[[], float] | None = None  # must grow by the requests of each run
     pids: Sequence[int] = ()  # the server's processes
     other_pids: Sequence[int] = ()  # e.g. Redis, reported apart
+    other_cpu: Callable[[], float] | None = None  # CPU seconds so far, instead of other_pids
     before: Callable[[], None] | None = None  # sets the machine up for each of its runs
 
 
@@ -90,7 +91,8 @@ def _run(
     if target.before is not None:
         target.before()
     before = target.counter() if target.counter else 0.0
-    cpu, other = _cpu(target.pids), _cpu(target.other_pids)
+    other_cpu = target.other_cpu or (lambda: _cpu(target.other_pids))
+    cpu, other = _cpu(target.pids), other_cpu()
     result = load.run(
         target.url,
         requests=requests,
@@ -100,7 +102,7 @@ def _run(
         headers=target.headers,
         h1=target.h1,
     )
-    cpu, other = _cpu(target.pids) - cpu, _cpu(target.other_pids) - other
+    cpu, other = _cpu(target.pids) - cpu, other_cpu() - other
     if result.succeeded != result.requests or result.requests != requests:
         raise RuntimeError(f"{target.name}: {result.summary()} of {requests} requests")
     if target.counter is not None:

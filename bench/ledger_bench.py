@@ -50,7 +50,7 @@ import redis as redis_sync
 
 from bench import compare, load, payloads
 from bench.check_bench import SAT_CLIENTS, SAT_STREAMS, SECONDS, check_url
-from bench.stack import ADMIN_TOKEN, USAGE_TOKEN, Ours, Stack, metric, process_tree
+from bench.stack import ADMIN_TOKEN, USAGE_TOKEN, Ours, Stack, metric, tree_cpu_seconds
 from bench.table import Row, ratio
 from devstack import processes as p
 from keys.keyspace import record_key
@@ -225,7 +225,7 @@ def _drain(sink: Sink, postmaster: int) -> dict[str, float]:
         rows, now = sink.rows(), time.perf_counter()
         if rows > 0 and not first_at:
             first_at, first_rows = now, rows
-            cpu = (_cpu([sink.pid]), _cpu(process_tree(postmaster)))
+            cpu = (_cpu([sink.pid]), tree_cpu_seconds(postmaster))
         if rows >= PRELOAD:
             break
         if time.monotonic() > deadline:
@@ -241,7 +241,7 @@ def _drain(sink: Sink, postmaster: int) -> dict[str, float]:
         "rps": round(written / seconds, 1),
         "sink_cpu_us_per_charge": round((_cpu([sink.pid]) - cpu[0]) / written * 1e6, 1),
         "postgres_cpu_us_per_charge": round(
-            (_cpu(process_tree(postmaster)) - cpu[1]) / written * 1e6, 1
+            (tree_cpu_seconds(postmaster) - cpu[1]) / written * 1e6, 1
         ),
     }
 
@@ -252,13 +252,17 @@ def _keeping_pace(
     """The charge stream alone for PACE_S, the sink running: its and PostgreSQL's CPU per
     charge, and how many charges each of its transactions holds."""
     stream = ChargeStream(ours.address, key_id, STREAM_RATE)
-    pids = [sink.pid, *process_tree(postmaster)]
-    commits, cpu = _commits(database_url), _cpu(pids)
+
+    def cpu_now() -> float:
+        return _cpu([sink.pid]) + tree_cpu_seconds(postmaster)
+
+    commits, cpu = _commits(database_url), cpu_now()
     stream.start()
     time.sleep(PACE_S)
     stream.stop()
     time.sleep(1.5)  # written, and PostgreSQL's statistics flushed (about once a second)
-    cpu, commits = _cpu(pids) - cpu, _commits(database_url) - commits - 1  # - this query's
+    cpu = cpu_now() - cpu
+    commits = _commits(database_url) - commits - 1  # less the first count's own
     return {
         "charged": stream.charged,
         "seconds": PACE_S,
@@ -412,7 +416,7 @@ def _check(
             frame,
             counter=ours.allowed,
             pids=ours.pids,
-            other_pids=(sink.pid, *process_tree(postmaster)),  # the ledger's CPU
+            other_cpu=lambda: _cpu([sink.pid]) + tree_cpu_seconds(postmaster),  # the ledger's
             before=before,
         )
         for name, before in (("sink", running), ("no sink", sink.pause))

@@ -56,15 +56,21 @@ def metric(http_port: int, name: str, labels: str) -> float:
     return 0.0
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its children (PostgreSQL's backends are children of its postmaster)."""
-    found = [pid]
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time of `root` and its children, those that have exited too (a
+    reaped child's time is in its parent's cutime and cstime): PostgreSQL's postmaster and
+    its backends, which come and go."""
+    total = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             text = stat.read_text()
-            if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
+            fields = text[text.rindex(")") + 2 :].split()
+            pid = int(stat.parent.name)
+            if pid == root:
+                total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+            elif int(fields[1]) == root:
+                total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
 
 
 def cpu_seconds(pids: list[int]) -> float:
