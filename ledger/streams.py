@@ -40,6 +40,7 @@ class Streams:
     block_ms: int = 1000
     claim_idle_ms: int = 30_000
     known: list[str] = field(default_factory=list)
+    _next_stream: int = 0  # on a cluster, where the next read's round of streams starts
 
     @property
     def cluster(self) -> bool:
@@ -136,11 +137,24 @@ class Streams:
         return _entries(reply)
 
     async def _read_each(self, position: str) -> list[Entry]:
-        pipe = self.client.pipeline()
-        for stream in self.known:
-            pipe.xreadgroup(GROUP, self.consumer, {stream: position}, count=self.batch)
-        replies = await pipe.execute()
-        return [entry for reply in replies for entry in _entries(reply)]
+        """At most `batch` entries in all, however many streams there are (after an
+        outage nearly every slot's stream has a backlog): `batch // streams` from each
+        (at least 1) of up to `batch` streams a round, the rounds going round the streams
+        so that each is read in turn; the first round that finds entries returns them."""
+        names = self.known
+        per_stream = max(1, self.batch // len(names))
+        window = max(1, self.batch // per_stream)
+        for _ in range(0, len(names), window):
+            start = self._next_stream % len(names)
+            part = (names[start:] + names[:start])[:window]
+            self._next_stream = start + len(part)
+            pipe = self.client.pipeline()
+            for stream in part:
+                pipe.xreadgroup(GROUP, self.consumer, {stream: position}, count=per_stream)
+            entries = [entry for reply in await pipe.execute() for entry in _entries(reply)]
+            if entries:
+                return entries
+        return []
 
     async def done(self, refs: Iterable[EntryRef]) -> None:
         """After the commit: XDEL, then XACK. Killed in between, the entry is pending

@@ -36,8 +36,11 @@ if ARGV[12] == 'inline' and (ARGV[13] ~= user_id or ARGV[14] ~= team_id) then
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {2, f[1], f[2], 0, user_id, team_id} end
 -- refused before the request id is used, so a corrected retry can still charge it
--- (9.2e18 stays below 2^63 by far more than a double's rounding at that size)
-if tonumber(f[1]) + tonumber(ARGV[2]) > 9.2e18 or tonumber(f[3]) + tonumber(ARGV[3]) > 9.2e18 then
+-- (9.2e18 stays below 2^63 by far more than a double's rounding at that size); the
+-- lifetime spent_total too: a budget period resets spent, never it
+local total = tonumber(redis.call('HGET', KEYS[1], 'spent_total')) or 0
+if tonumber(f[1]) + tonumber(ARGV[2]) > 9.2e18 or tonumber(f[3]) + tonumber(ARGV[3]) > 9.2e18
+    or total + tonumber(ARGV[2]) > 9.2e18 then
   return {3, f[1], f[2], 0, user_id, team_id}
 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[7])

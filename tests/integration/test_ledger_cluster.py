@@ -61,3 +61,32 @@ async def test_streams_on_every_primary_are_found_and_written(
     for n, key_id in enumerate(keys.values()):
         rows = await query(ledger_db, "SELECT spent FROM virtual_keys WHERE id = %s", (key_id,))
         assert rows == [(usd(3_000 + 2 * n),)]
+
+
+async def test_a_batch_holds_at_most_batch_entries_however_many_streams_have_some(
+    cluster: tuple[RedisCluster, Client], ledger_db: str
+) -> None:
+    """`--batch` entries per read, not per stream: after an outage nearly every slot's
+    stream has a backlog (keys spread over the 16384 slots), and one read of `batch` from
+    each of thousands of streams was one batch of millions of entries (memory, one huge
+    transaction), read again whole after the OOM kill that followed."""
+    nodes, client = cluster
+    await migrated(ledger_db)
+    half = RedisHalf(client, cluster=True)
+    streams: dict[str, str] = {}
+    while len(streams) < 30:
+        key_id = keygen.new_key_id()
+        streams.setdefault(half.stream(key_id), key_id)
+    for key_id in streams.values():
+        await half.create_key(key_id)
+        for n in range(4):
+            await half.charge(key_id, 1_000, f"r{n}")
+    async with running_sink(nodes.url, ledger_db, batch=20) as parts:
+        sizes: list[int] = []
+        while sum(sizes) < 150:
+            settled = await parts.sink.step(parts.stop)
+            assert settled <= 20
+            sizes.append(settled)
+        assert await parts.sink.catch_up() == 0
+        assert await parts.streams.lag() == 0
+    assert await query(ledger_db, "SELECT count(*) FROM key_usage") == [(120,)]
