@@ -212,6 +212,22 @@ def test_every_extauthz_container_runs_the_image_make_image_builds() -> None:
     assert ours == 4  # the sidecar, the shared tier, the ledger's migrate and its sink
 
 
+@pytest.mark.parametrize(
+    "document",
+    [
+        "README.md",
+        "docs/operations.md",
+        "deploy/kubernetes/README.md",
+        *(f"deploy/kubernetes/{name}/kustomization.yaml" for name in (*LAYOUTS, "ledger")),
+    ],
+)
+def test_docs_name_the_image_make_image_builds(document: str) -> None:
+    text = (ROOT / document).read_text()
+    assert makefile_image() in text
+    assert "make image" in text
+    assert "ghcr.io/example" not in text
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_kustomization_lists_exactly_the_manifests_of_its_directory(name: str) -> None:
     directory = KUBERNETES / name
