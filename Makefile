@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTO_SRC := $(wildcard protos/keys/v1/*.proto)
 PROTO_OUT := keys/v1/keys_pb2.py
 
-.PHONY: install system-deps protos run test lint fmt bench bench-deps manifests clean
+.PHONY: install system-deps protos run test lint fmt bench bench-deps manifests image image-name clean
 
 install: $(VENV)/.installed $(PROTO_OUT) system-deps
 
@@ -67,6 +67,20 @@ bench-deps:
 
 bench: install bench-deps
 	$(BIN)/python -m bench
+
+# The container image (Dockerfile): IMAGE:TAG, by default extauthz:<the project's version>.
+# deploy/kubernetes/ and the docs name exactly this (a test checks it); retarget a registry
+# with `make image IMAGE=registry.example.com/extauthz` and kustomize's `images:`.
+IMAGE ?= extauthz
+TAG ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+
+image:
+	@command -v docker >/dev/null || { echo "make image needs Docker; there is no docker command here" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "make image needs a running Docker daemon; none answers here" >&2; exit 1; }
+	docker build -t $(IMAGE):$(TAG) .
+
+image-name:
+	@echo $(IMAGE):$(TAG)
 
 clean:
 	rm -rf $(VENV) keys/v1/*_pb2*.py keys/v1/*_pb2*.pyi .mypy_cache .ruff_cache .pytest_cache
