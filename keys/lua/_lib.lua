@@ -232,3 +232,76 @@ local function key_event(stream, rec, kind, now)
   redis.call('XADD', stream, '*', 'type', kind, 'key_id', string.match(rec, '^vk:{(.*)}$'),
     'ts', now, 'version', string.format('%d', version), 'record', cjson.encode(fields))
 end
+
+
+-- Budget alerts (docs/design.md section 13). A charge that takes a level's spend to a
+-- threshold (basis points of max_budget) appends one event per threshold to the alert
+-- stream of the level's slot, once per budget period and max_budget: the record's
+-- `alerted` ("<period start>:<max_budget>:<highest basis points fired>") names the period
+-- and budget it counts for, so a new period or a changed budget starts it afresh without
+-- any script resetting it.
+local DAY_MS = 86400000
+
+-- The first instant (ms, UTC) of the calendar month before `month_start`, itself the first
+-- instant of a month: back by the day of the month of the day before it (civil_from_days,
+-- H. Hinnant's algorithm, in whole days since the epoch).
+local function previous_month_start(month_start)
+  local z = math.floor(month_start / DAY_MS) - 1 + 719468
+  local doe = z - math.floor(z / 146097) * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local day = doy - math.floor((153 * mp + 2) / 5) + 1
+  return month_start - day * DAY_MS
+end
+
+-- When the level's current budget period began (ms): a fixed period's reset minus its
+-- length; a calendar month's first instant; without a period, when the budget was last
+-- set (`budget_set_at`, else the record's `created_at`).
+local function period_start(reset_at, period_ms, set_at, created_at)
+  local reset = tonumber(reset_at) or 0
+  if reset == 0 then return tonumber(set_at) or tonumber(created_at) or 0 end
+  local period = tonumber(period_ms) or 0
+  if period > 0 then return reset - period end
+  return previous_month_start(reset)
+end
+
+-- ceil(max * bp / 10000) for money {hi, lo} and bp <= 100000 (10x), exactly: every
+-- product stays below 2^53.
+local function m_share(max, bp)
+  local x, y = max[1] * bp, max[2] * bp
+  local hi = math.floor(x / 1e4)
+  local lo = (x - hi * 1e4) * 1e5 + math.ceil(y / 1e4)
+  local carry = math.floor(lo / 1e9)
+  return {hi + carry, lo - carry * 1e9}
+end
+
+-- After a charge at one level (`rec`, named scope/id in the events): appends an event to
+-- `stream` for each threshold of `thresholds` ("5000,8000,10000": basis points of
+-- max_budget, ascending) that spent has reached and that has not fired in this period for
+-- this max_budget. Returns how many it appended.
+local function budget_alerts(rec, scope, id, stream, thresholds, now)
+  local f = redis.call('HMGET', rec, 'max_budget', 'spent', 'budget_reset_at',
+    'budget_period_ms', 'budget_set_at', 'created_at', 'alerted')
+  if not f[1] or f[1] == '0' then return 0 end
+  local max, spent = m_parse(f[1]), m_parse(f[2] or '0')
+  -- most charges are below the lowest threshold: nothing more to read or build
+  if not m_le(m_share(max, tonumber(string.match(thresholds, '%d+'))), spent) then return 0 end
+  local start = string.format('%d', period_start(f[3], f[4], f[5], f[6]))
+  local this = start .. ':' .. f[1] .. ':'
+  local marker, done = f[7] or '', 0
+  if string.sub(marker, 1, #this) == this then done = tonumber(string.sub(marker, #this + 1)) or 0 end
+  local fired = 0
+  for bp in string.gmatch(thresholds, '%d+') do
+    local t = tonumber(bp)
+    if t > done then
+      if not m_le(m_share(max, t), spent) then break end  -- ascending: none further either
+      redis.call('XADD', stream, '*', 'scope', scope, 'id', id, 'threshold', bp,
+        'spent', f[2], 'max_budget', f[1], 'period_start', start, 'ts', now)
+      done, fired = t, fired + 1
+    end
+  end
+  if fired > 0 then redis.call('HSET', rec, 'alerted', this .. string.format('%d', done)) end
+  return fired
+end
