@@ -2,7 +2,7 @@
 -- roll_budget starts a new budget period once its reset time has passed: spent goes back
 -- to 0 and the reset moves to the next boundary (fixed periods step by their length;
 -- calendar months jump to next_month, the first instant of the next UTC month, which
--- the caller computes). Returns true when it rolled.
+-- the caller computes). Returns the new reset time when it rolled, else false.
 local function roll_budget(key, now, reset_at, period, next_month)
   reset_at = tonumber(reset_at) or 0
   if reset_at == 0 or now < reset_at then return false end
@@ -12,7 +12,7 @@ local function roll_budget(key, now, reset_at, period, next_month)
     next_reset = reset_at + (math.floor((now - reset_at) / period) + 1) * period
   end
   redis.call('HSET', key, 'spent', 0, 'budget_reset_at', string.format('%d', next_reset))
-  return true
+  return next_reset
 end
 
 -- What a missing digest is compared against: 64 hex characters, like a real one, that
@@ -197,16 +197,24 @@ local function release(lv, id, now)
   return 1
 end
 
--- Charges cost and tokens at one level (its budget period rolled first).
-local function charge(rec, now, cost, tokens, window, next_month)
-  local b = redis.call('HMGET', rec, 'budget_reset_at', 'budget_period_ms', 'win_start')
-  roll_budget(rec, now, b[1], b[2], next_month)
+-- What charge reads: its own fields, and with budget alerts on (`alerting`) what
+-- budget_alerts needs too, in the same HMGET.
+local CHARGE_FIELDS = {'budget_reset_at', 'budget_period_ms', 'win_start'}
+local ALERT_FIELDS = {'budget_reset_at', 'budget_period_ms', 'win_start', 'spent',
+  'max_budget', 'budget_set_at', 'created_at', 'alerted'}
+
+-- Charges cost and tokens at one level (its budget period rolled first). Returns the
+-- fields it read (as they were before the charge) and roll_budget's answer.
+local function charge(rec, now, cost, tokens, window, next_month, alerting)
+  local b = redis.call('HMGET', rec, unpack(alerting and ALERT_FIELDS or CHARGE_FIELDS))
+  local rolled = roll_budget(rec, now, b[1], b[2], next_month)
   redis.call('HINCRBY', rec, 'spent', cost)
   if now >= (tonumber(b[3]) or 0) + window then
     redis.call('HSET', rec, 'win_start', now, 'win_requests', 0, 'win_tokens', tokens)
   else
     redis.call('HINCRBY', rec, 'win_tokens', tokens)
   end
+  return b, rolled
 end
 
 
@@ -277,28 +285,30 @@ local function m_share(max, bp)
   return {hi + carry, lo - carry * 1e9}
 end
 
--- After a charge at one level (`rec`, named scope/id in the events): appends an event to
--- `stream` for each threshold of `thresholds` ("5000,8000,10000": basis points of
--- max_budget, ascending) that spent has reached and that has not fired in this period for
--- this max_budget. Returns how many it appended.
-local function budget_alerts(rec, scope, id, stream, thresholds, now)
-  local f = redis.call('HMGET', rec, 'max_budget', 'spent', 'budget_reset_at',
-    'budget_period_ms', 'budget_set_at', 'created_at', 'alerted')
-  if not f[1] or f[1] == '0' then return 0 end
-  local max, spent = m_parse(f[1]), m_parse(f[2] or '0')
-  -- most charges are below the lowest threshold: nothing more to read or build
+-- After `cost` was charged at one level (`rec`, named scope/id in the events; `b` and
+-- `rolled`: what charge read, ALERT_FIELDS, and whether it rolled the period): appends an
+-- event to `stream` for each threshold of `thresholds` ("5000,8000,10000": basis points
+-- of max_budget, ascending) that spent has reached and that has not fired in this period
+-- for this max_budget. Returns how many it appended. A charge that leaves spent below the
+-- lowest threshold (most charges) costs no command.
+local function budget_alerts(rec, scope, id, stream, thresholds, now, cost, b, rolled)
+  local budget = b[5]
+  if not budget or budget == '0' then return 0 end
+  local max = m_parse(budget)
+  local spent = m_add(rolled and {0, 0} or m_parse(b[4]), m_parse(cost))
   if not m_le(m_share(max, tonumber(string.match(thresholds, '%d+'))), spent) then return 0 end
-  local start = string.format('%d', period_start(f[3], f[4], f[5], f[6]))
-  local this = start .. ':' .. f[1] .. ':'
-  local marker, done = f[7] or '', 0
+  local start = string.format('%d', period_start(rolled or b[1], b[2], b[6], b[7]))
+  local this = start .. ':' .. budget .. ':'
+  local marker, done = b[8] or '', 0
   if string.sub(marker, 1, #this) == this then done = tonumber(string.sub(marker, #this + 1)) or 0 end
+  local spent_text = m_sub_floor(spent, {0, 0})  -- as the record now has it
   local fired = 0
   for bp in string.gmatch(thresholds, '%d+') do
     local t = tonumber(bp)
     if t > done then
       if not m_le(m_share(max, t), spent) then break end  -- ascending: none further either
       redis.call('XADD', stream, '*', 'scope', scope, 'id', id, 'threshold', bp,
-        'spent', f[2], 'max_budget', f[1], 'period_start', start, 'ts', now)
+        'spent', spent_text, 'max_budget', budget, 'period_start', start, 'ts', now)
       done, fired = t, fired + 1
     end
   end

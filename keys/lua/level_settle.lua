@@ -16,9 +16,12 @@ if redis.call('EXISTS', KEYS[3]) == 1 then return {2, 0} end
 redis.call('SET', KEYS[3], 1, 'EX', ARGV[7])
 local now = tonumber(ARGV[1])
 release({rec = KEYS[1], inf = KEYS[2]}, ARGV[2], now)
-charge(KEYS[1], now, ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
+local alerting = (ARGV[8] or '') ~= ''
+local read, rolled = charge(KEYS[1], now, ARGV[3], ARGV[4], tonumber(ARGV[5]),
+  tonumber(ARGV[6]), alerting)
 local alerts = 0
-if (ARGV[8] or '') ~= '' then
-  alerts = budget_alerts(KEYS[1], ARGV[9], ARGV[10], KEYS[4], ARGV[8], ARGV[1])
+if alerting then
+  alerts = budget_alerts(KEYS[1], ARGV[9], ARGV[10], KEYS[4], ARGV[8], ARGV[1], ARGV[3], read,
+    rolled)
 end
 return {1, alerts}

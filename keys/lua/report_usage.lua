@@ -51,8 +51,18 @@ local next_month = tonumber(ARGV[10])
 local id, cost, tokens = ARGV[11], ARGV[2], ARGV[3]
 local key_id = string.match(KEYS[1], '^vk:{(.*)}$')
 
+-- the streams after the levels: the ledger's, then the alerts' (the last)
+local thresholds = ARGV[18] or ''
+local alert_stream = thresholds ~= '' and KEYS[#KEYS] or nil
+local ledger_stream = KEYS[#KEYS - (alert_stream and 1 or 0)]
+
 local settled = release({rec = KEYS[1], inf = KEYS[4]}, id, now)
-charge(KEYS[1], now, cost, tokens, window, next_month)
+local read, rolled = charge(KEYS[1], now, cost, tokens, window, next_month, alert_stream)
+local alerts = 0
+if alert_stream then
+  alerts = budget_alerts(KEYS[1], 'key', key_id, alert_stream, thresholds, ARGV[1], cost, read,
+    rolled)
+end
 -- lifetime spend, never reset by a budget period: what the ledger must sum to
 redis.call('HINCRBY', KEYS[1], 'spent_total', cost)
 
@@ -70,25 +80,16 @@ if found[1] or found[2] then
   redis.call('PEXPIRE', KEYS[5], window * 2)
 end
 
--- the streams after the levels: the ledger's, then the alerts' (the last)
-local thresholds = ARGV[18] or ''
-local alert_stream = thresholds ~= '' and KEYS[#KEYS] or nil
-local ledger_stream = KEYS[#KEYS - (alert_stream and 1 or 0)]
-local alerts = 0
-if alert_stream then
-  alerts = budget_alerts(KEYS[1], 'key', key_id, alert_stream, thresholds, ARGV[1])
-end
-
 if ARGV[12] == 'inline' then
   local k = 6
   for _, scope in ipairs({{'user', user_id}, {'team', team_id}}) do
     if scope[2] ~= '' then
       if redis.call('EXISTS', KEYS[k]) == 1 then
         release({rec = KEYS[k], inf = KEYS[k + 1], prefix = key_id .. ':'}, id, now)
-        charge(KEYS[k], now, cost, tokens, window, next_month)
+        read, rolled = charge(KEYS[k], now, cost, tokens, window, next_month, alert_stream)
         if alert_stream then
           alerts = alerts + budget_alerts(KEYS[k], scope[1], scope[2], alert_stream,
-            thresholds, ARGV[1])
+            thresholds, ARGV[1], cost, read, rolled)
         end
       end
       k = k + 2
