@@ -239,8 +239,9 @@ class AlertDeliverer:
         self.active |= {name for name, n in zip(names, lengths, strict=True) if int(n)}
 
     async def _forget_idle_consumers(self) -> None:
-        """Drops consumers holding nothing and idle an hour: servers that stopped."""
-        names = sorted(self.active)
+        """Drops consumers holding nothing and idle an hour: servers that stopped (every
+        server that read a stream left its name there)."""
+        names = sorted(self.known)
         if not names:
             return
         pipe = self.client.pipeline(transaction=False)
