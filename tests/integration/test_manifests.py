@@ -51,9 +51,12 @@ COUNTERS = {
     "extauthz_shadow_denials_total",
     "extauthz_tap_unmetered_total",
     "extauthz_tap_responses_total",
+    "extauthz_alerts_sent_total",
+    "extauthz_alerts_retried_total",
+    "extauthz_alerts_failed_total",
 }
 HISTOGRAMS = {"extauthz_check_duration_seconds", "extauthz_redis_latency_seconds"}
-GAUGES = {"extauthz_usage_journal_depth", "extauthz_redis_up"}
+GAUGES = {"extauthz_usage_journal_depth", "extauthz_redis_up", "extauthz_alerts_pending"}
 # What the ledger sink exports on its own port (ledger/metrics.py): alerts, no dashboard.
 LEDGER_METRICS = {
     "extauthz_ledger_lag",
