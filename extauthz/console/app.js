@@ -173,7 +173,31 @@
     forget: () => sessionStorage.removeItem(TOKEN_KEY),
   };
 
+  // <main> is aria-busy while any API call is out (assistive technology waits; so can tests).
+  let pending = 0;
+  function loading(change) {
+    pending += change;
+    main.setAttribute("aria-busy", pending > 0 ? "true" : "false");
+  }
+
+  // A read that found the server briefly unable to reach Redis (503, UNAVAILABLE) is asked
+  // once more, 0.3 s later; a write never is: the operator sees the error and decides.
   async function api(method, path, body, token) {
+    loading(1);
+    try {
+      try {
+        return await call(method, path, body, token);
+      } catch (err) {
+        if (method !== "GET" || !(err instanceof ApiError) || err.status !== 503) throw err;
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        return await call(method, path, body, token);
+      }
+    } finally {
+      loading(-1);
+    }
+  }
+
+  async function call(method, path, body, token) {
     const headers = { accept: "application/json" };
     const bearer = token || session.token();
     if (bearer) headers.authorization = `Bearer ${bearer}`;
@@ -442,7 +466,8 @@
       perDay.set(row.date, day);
     }
     const dates = days(usage.start_date, usage.end_date);
-    const W = 720;
+    // drawn at about the width it is shown at, so its text stays readable on a phone
+    const W = Math.max(320, Math.min(720, Math.round(main.clientWidth - 48)));
     const H = 220;
     const left = 64;
     const bottom = 28;
@@ -475,6 +500,9 @@
       );
     }
     const slot = dates.length ? plotW / dates.length : plotW;
+    // a day's label every few bars, at least ~48 px apart, and always the last day's
+    const every = Math.max(1, Math.ceil(48 / slot), Math.ceil(dates.length / 8));
+    const last = dates.length - 1;
     dates.forEach((date, i) => {
       const day = perDay.get(date) || { cost: 0, requests: 0 };
       const height = (day.cost / yMax) * plotH;
@@ -489,12 +517,13 @@
       });
       bar.append(s("title", {}, `${date}: ${usd(day.cost)}, ${count(day.requests)} requests`));
       chart.append(bar);
-      const every = Math.max(1, Math.ceil(dates.length / 6));
-      if (i % every === 0 || i === dates.length - 1) {
+      if (i === last || (i % every === 0 && last - i >= every)) {
         chart.append(
           s(
             "text",
-            { x: x + slot * 0.35, y: H - 8, className: "axis", "text-anchor": "middle" },
+            i === last // ends under its bar, inside the chart
+              ? { x: x + slot * 0.7, y: H - 8, className: "axis", "text-anchor": "end" }
+              : { x: x + slot * 0.35, y: H - 8, className: "axis", "text-anchor": "middle" },
             date.slice(5),
           ),
         );

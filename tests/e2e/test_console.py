@@ -241,6 +241,33 @@ def test_a_key_made_in_the_console_is_listed_used_charged_and_revoked(
     screenshot(page, shots, "keys")
 
 
+def test_keys_page_by_page_with_the_apis_cursor(
+    console: Console, envoy: Envoy, server: Server
+) -> None:
+    team = f"paged-{secrets.token_hex(3)}"
+    for n in range(27):
+        admin(
+            envoy,
+            server,
+            "POST",
+            "/api/keys",
+            {"name": f"k{n:02}", "user_id": "u", "team_id": team},
+        )
+    page = console.sign_in(server.admin_token)
+    page.goto(f"{console.base}/ui/#/keys?team={team}")
+    count = page.locator("#results-count")
+    expect(count).to_have_text("Page 1: 25 keys.")
+    expect(page.get_by_role("button", name="Previous page")).to_be_disabled()
+    page.get_by_role("button", name="Next page").click()
+    expect(count).to_have_text("Page 2: 2 keys.")
+    expect(count).to_be_focused()
+    expect(page.get_by_role("link", name="k26")).to_be_visible()  # oldest first
+    expect(page.get_by_role("button", name="Next page")).to_be_disabled()
+    page.get_by_role("button", name="Previous page").click()
+    expect(count).to_have_text("Page 1: 25 keys.")
+    expect(page.get_by_role("link", name="k00")).to_be_visible()
+
+
 def test_limits_changed_in_the_console_are_the_keys_limits(
     console: Console, envoy: Envoy, server: Server
 ) -> None:
@@ -401,17 +428,18 @@ def test_a_phone_width_screen_has_no_horizontal_scroll(
     try:
         console = Console(context, envoy)
         page = console.sign_in(server.admin_token)
-        pages = {
-            "phone-keys": f"#/keys?team={team}",
-            "phone-key": f"#/keys/{created['key_data']['id']}",
-            "phone-create": "#/create",
-            "phone-budget": f"#/budgets/team/{team}",
-            "phone-budgets": "#/budgets",
+        key_name = page.get_by_role("heading", level=1, name="Phone key")
+        pages = {  # each page, and what shows once it has loaded
+            "phone-keys": (f"#/keys?team={team}", page.get_by_text("Page 1: 1 key.")),
+            "phone-key": (f"#/keys/{created['key_data']['id']}", key_name),
+            "phone-create": ("#/create", page.get_by_role("button", name="Create key")),
+            "phone-budget": (f"#/budgets/team/{team}", page.locator("#usage-totals")),
+            "phone-budgets": ("#/budgets", page.get_by_role("link", name=team)),
         }
-        for name, fragment in pages.items():
+        for name, (fragment, loaded) in pages.items():
             page.goto(f"{console.base}/ui/{fragment}")
-            page.locator("main h1").wait_for()
-            page.wait_for_load_state("networkidle")
+            expect(loaded).to_be_visible()
+            expect(page.locator("main")).to_have_attribute("aria-busy", "false")
             assert no_horizontal_scroll(page), name
             screenshot(page, shots, name)
         assert console.problems == []
