@@ -16,15 +16,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# redis-server, nginx (for the auth_request tests) and PostgreSQL's initdb (the ledger
-# tests that restart PostgreSQL start their own) come from the machine; install them where
-# they are missing (Debian; its postgresql keeps initdb under /usr/lib/postgresql/*/bin).
-SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx
+# redis-server, nginx (for the auth_request tests), PostgreSQL's initdb (the ledger
+# tests that restart PostgreSQL start their own) and chromium with a font (the console's
+# browser tests; Playwright drives it and never downloads a browser of its own) come from
+# the machine; install them where they are missing (Debian; its postgresql keeps initdb
+# under /usr/lib/postgresql/*/bin).
+SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx chromium:chromium
+FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 system-deps:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
 	  command -v $${pair%%:*} >/dev/null || [ -x /usr/sbin/$${pair%%:*} ] || missing="$$missing $${pair#*:}"; \
 	done; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -e $(FONT) ] || missing="$$missing fonts-dejavu-core"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

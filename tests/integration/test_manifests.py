@@ -537,3 +537,16 @@ def test_the_ledger_list_is_every_metric_the_sink_exports() -> None:
     families = list(LedgerMetrics().registry.collect())
     exported = {f.name + ("_total" if f.type == "counter" else "") for f in families}
     assert exported == LEDGER_METRICS
+
+
+def test_sidecar_envoy_leaves_out_the_console_with_the_api_it_calls() -> None:
+    """The console calls /api, which the sidecar has not: its route and cluster go too, and
+    /ui is the upstream's there, behind ext_authz like any path."""
+    config = yaml.safe_load(sidecar_envoy_config())
+    assert "extauthz_http" not in {c["name"] for c in config["static_resources"]["clusters"]}
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes = manager["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    prefixes = {r["match"].get("path_separated_prefix") for r in routes}
+    assert not prefixes & {"/ui", "/api", "/api/keys", "/api/usage", "/api/budgets"}
+    shipped = yaml.safe_load(ENVOY_YAML.read_text())
+    assert "extauthz_http" in {c["name"] for c in shipped["static_resources"]["clusters"]}
