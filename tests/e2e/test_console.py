@@ -364,6 +364,7 @@ def test_a_wrong_token_is_refused_in_words_and_not_kept(
     assert "not-the-admin-token" not in alert.inner_text()
     assert page.evaluate("sessionStorage.length") == 0
     expect(page.get_by_role("heading", level=1, name="Sign in")).to_be_visible()
+    expect(page.get_by_role("button", name="Sign out")).to_be_hidden()  # not signed in
     screenshot(page, shots, "wrong-token")
 
     page.get_by_label("Admin token").fill("")
