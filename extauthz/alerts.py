@@ -16,10 +16,12 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -74,19 +76,89 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+class _Deadline:
+    """The end of one attempt: at `timeout` after it began, the connection's socket is shut
+    down, so a webhook that trickles its answer a byte at a time (each read within the
+    socket's own timeout) cannot hold an attempt, its slot and its thread for longer."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._expired = False
+        self._timer = threading.Timer(timeout_s, self.expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _current.deadline = None
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self._expired
+        if expired:
+            _shut(sock)
+
+    def expire(self) -> None:
+        with self._lock:
+            self._expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # the plain socket's shutdown, also under TLS: the blocked read returns, nothing else
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_current = threading.local()
+
+
+def _watched(base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+    class Watched(base):  # type: ignore[valid-type,misc]
+        def connect(self) -> None:
+            super().connect()
+            deadline: _Deadline | None = getattr(_current, "deadline", None)
+            if deadline is not None and self.sock is not None:
+                deadline.watch(self.sock)
+
+    return Watched
+
+
+class _WatchedHTTP(urllib.request.HTTPHandler):
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        return super().do_open(_watched(http_class), req, **kwargs)
+
+
+class _WatchedHTTPS(urllib.request.HTTPSHandler):
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        return super().do_open(_watched(http_class), req, **kwargs)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect, _WatchedHTTP, _WatchedHTTPS)
 
 
 def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
-    """One POST (blocking: run in a thread); the status, or an OSError for no answer."""
+    """One POST (blocking: run in a thread), over in `timeout_s` at most (name resolution
+    aside); the status, or an OSError or http.client.HTTPException for no answer. Once the
+    status is in, a body that breaks off or runs late does not change it."""
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310 (http(s) only: settings.webhook_url)
-    try:
-        with _OPENER.open(request, timeout=timeout_s) as response:
-            response.read(65_536)
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return int(exc.code)
+    with _Deadline(timeout_s):
+        try:
+            with _OPENER.open(request, timeout=timeout_s) as response:
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    response.read(65_536)
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return int(exc.code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +445,7 @@ class AlertDeliverer:
             headers["x-extauthz-signature"] = signature(self.secret, body)
         try:
             status = await asyncio.to_thread(post, self.url, body, headers, self.timeout_s)
-        except (OSError, ValueError) as exc:  # no answer: refused, timed out, TLS, DNS
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # no answer, or not HTTP
             reason = getattr(exc, "reason", None) or exc  # URLError wraps the OSError
             status, error = 0, f"{type(exc).__name__}: {reason}"[:200]
         else:
