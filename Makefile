@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTO_SRC := $(wildcard protos/keys/v1/*.proto)
 PROTO_OUT := keys/v1/keys_pb2.py
 
-.PHONY: install system-deps protos run test lint fmt bench bench-deps manifests clean
+.PHONY: install system-deps protos run test lint fmt bench bench-deps manifests image image-name clean
 
 install: $(VENV)/.installed $(PROTO_OUT) system-deps
 
@@ -16,15 +16,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# redis-server, nginx (for the auth_request tests) and PostgreSQL's initdb (the ledger
-# tests that restart PostgreSQL start their own) come from the machine; install them where
-# they are missing (Debian; its postgresql keeps initdb under /usr/lib/postgresql/*/bin).
-SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx
+# redis-server, nginx (for the auth_request tests), PostgreSQL's initdb (the ledger
+# tests that restart PostgreSQL start their own) and chromium with a font (the console's
+# browser tests; Playwright drives it and never downloads a browser of its own) come from
+# the machine; install them where they are missing (Debian; its postgresql keeps initdb
+# under /usr/lib/postgresql/*/bin).
+SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx chromium:chromium
+FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 system-deps:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
 	  command -v $${pair%%:*} >/dev/null || [ -x /usr/sbin/$${pair%%:*} ] || missing="$$missing $${pair#*:}"; \
 	done; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -e $(FONT) ] || missing="$$missing fonts-dejavu-core"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -67,6 +71,20 @@ bench-deps:
 
 bench: install bench-deps
 	$(BIN)/python -m bench
+
+# The container image (Dockerfile): IMAGE:TAG, by default extauthz:<the project's version>.
+# deploy/kubernetes/ and the docs name exactly this (a test checks it); retarget a registry
+# with `make image IMAGE=registry.example.com/extauthz` and kustomize's `images:`.
+IMAGE ?= extauthz
+TAG ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+
+image:
+	@command -v docker >/dev/null || { echo "make image needs Docker; there is no docker command here" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "make image needs a running Docker daemon; none answers here" >&2; exit 1; }
+	docker build -t $(IMAGE):$(TAG) .
+
+image-name:
+	@echo $(IMAGE):$(TAG)
 
 clean:
 	rm -rf $(VENV) keys/v1/*_pb2*.py keys/v1/*_pb2*.pyi .mypy_cache .ruff_cache .pytest_cache

@@ -107,6 +107,7 @@ def measure_attack(stack: Stack, ours: Ours, key: str) -> list[Row]:
     ports = {
         "listener": p.free_port(),
         "extauthz": ours.grpc_port,
+        "extauthz_http": ours.http_ports[0],  # /ui: not measured
         "upstream": upstream,
         "admin": p.free_port(),
     }

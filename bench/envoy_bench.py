@@ -57,6 +57,7 @@ def _envoy(stack: Stack, name: str, authz_port: int, upstream: int, *, authz: bo
     ports = {
         "listener": p.free_port(),
         "extauthz": authz_port,
+        "extauthz_http": p.free_port(),  # /ui (the console): not measured, nothing there
         "upstream": upstream,
         "admin": p.free_port(),
     }

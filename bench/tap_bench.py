@@ -347,6 +347,7 @@ def _envoy(stack: Stack, name: str, ours: Ours, upstream: int, noop_port: int) -
     ports = {
         "listener": p.free_port(),
         "extauthz": ours.grpc_port,
+        "extauthz_http": ours.http_ports[0],  # /ui: not measured
         "upstream": upstream,
         "admin": p.free_port(),
     }

@@ -33,8 +33,8 @@ def main() -> int:
     except SettingsError as exc:
         print(f"make run: {exc}", file=sys.stderr)
         return 2
-    http_port = settings.http_port
-    needed = [*ports.items(), ("http", http_port)]
+    http_port = ports["extauthz_http"] = settings.http_port  # Envoy sends /ui (the console) there
+    needed = list(ports.items())
     if settings.ledger_database_url:
         needed.append(("ledger-metrics", LEDGER_METRICS_PORT))
     busy = [f"{n}={port}" for n, port in needed if p.port_open(port)]
@@ -174,6 +174,7 @@ def banner(
         f"HTTP on 127.0.0.1:{http_port}\n"
         f"Redis: {redis.described()}\n"
         f"admin token: {admin_token} (kept in .run/admin-token; EXTAUTHZ_ADMIN_TOKEN sets one)\n"
+        f"console: http://127.0.0.1:{ports['listener']}/ui/ (sign in with the admin token)\n"
         f"  export TOKEN={admin_token}\n"
         "logs in .run/; what the upstream received: .run/upstream.log (Ctrl-C stops everything)\n"
     )

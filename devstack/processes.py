@@ -403,7 +403,14 @@ def wait_log(
         time.sleep(0.05)
 
 
-ENVOY_PORTS = {"listener": 10000, "extauthz": 9191, "upstream": 8000, "admin": 9901}
+# envoy.yaml's ports, by role; "extauthz_http" is the server's HTTP port (the console, /ui).
+ENVOY_PORTS = {
+    "listener": 10000,
+    "extauthz": 9191,
+    "extauthz_http": 9192,
+    "upstream": 8000,
+    "admin": 9901,
+}
 # grpc_json_transcoder's descriptor set, as envoy.yaml names it: relative to the repo root.
 ENVOY_DESCRIPTOR = "keys/v1/keys.pb"
 

@@ -1,4 +1,5 @@
-"""The HTTP port: /healthz, /readyz, /metrics, and /auth for nginx's auth_request.
+"""The HTTP port: /healthz, /readyz, /metrics, /auth for nginx's auth_request, and the web
+console's files under /ui/ (extauthz/ui.py).
 
 A deliberately small HTTP/1.1 server on asyncio streams (keep-alive, no request bodies
 beyond discarding them), so the server needs no second web framework.
@@ -18,6 +19,8 @@ from extauthz import responses
 from extauthz.decision import Decider
 from extauthz.metrics import Metrics
 from extauthz.request import AmbiguousUri, model_from_headers, original_uri
+from extauthz.ui import PREFIX as CONSOLE_PREFIX
+from extauthz.ui import Console
 
 log = logging.getLogger("extauthz.http")
 MAX_HEAD_BYTES = 32_768
@@ -30,6 +33,8 @@ IDLE_TIMEOUT_S = 60
 LISTEN_BACKLOG = 4096
 _REASONS: Final = {
     200: "OK",
+    304: "Not Modified",
+    308: "Permanent Redirect",
     400: "Bad Request",
     401: "Unauthorized",
     402: "Payment Required",
@@ -56,11 +61,13 @@ class HttpEndpoint:
         decider: Decider,
         *,
         uri_header: str = "x-original-uri",
+        console: Console | None = None,
     ) -> None:
         self.metrics = metrics
         self.ready = ready
         self.decider = decider
         self.uri_header = uri_header
+        self.console = console if console is not None else Console.load(ready)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -80,10 +87,9 @@ class HttpEndpoint:
                 except BadRequest as exc:
                     status, extra, body = 400, [("content-type", "text/plain")], f"{exc}\n".encode()
                     keep_alive = False
+                bodiless = method == "HEAD" or status == 304
                 writer.write(
-                    _response(
-                        status, extra, b"" if method == "HEAD" else body, len(body), keep_alive
-                    )
+                    _response(status, extra, b"" if bodiless else body, len(body), keep_alive)
                 )
                 await writer.drain()
                 if not keep_alive:
@@ -113,6 +119,8 @@ class HttpEndpoint:
             )
         if path == "/auth":
             return await self.auth(headers)
+        if path == CONSOLE_PREFIX or path.startswith(f"{CONSOLE_PREFIX}/"):
+            return self.console.answer(path, headers)
         return 404, text, b"not found\n"
 
     async def auth(self, headers: dict[str, str]) -> Answer:
@@ -184,7 +192,8 @@ def _keep_alive(version: str, headers: dict[str, str]) -> bool:
 def _response(status: int, headers: Headers, body: bytes, length: int, keep_alive: bool) -> bytes:
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
     lines += [f"{k}: {v}" for k, v in headers]
-    lines.append(f"content-length: {length}")
+    if status != 304:  # a 304's length would have to be the 200's: none is simpler
+        lines.append(f"content-length: {length}")
     lines.append("connection: keep-alive" if keep_alive else "connection: close")
     # header values may carry UTF-8 (a user id like "李雷"); nginx passes the bytes through
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

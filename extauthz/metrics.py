@@ -119,6 +119,28 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.alerts_sent = Counter(
+            "extauthz_alerts_sent_total",
+            "Budget alert events the webhook acknowledged (2xx)",
+            registry=r,
+        )
+        self.alerts_retried = Counter(
+            "extauthz_alerts_retried_total",
+            "Budget alert delivery attempts that retry an event an earlier attempt did not deliver",
+            registry=r,
+        )
+        self.alerts_failed = Counter(
+            "extauthz_alerts_failed_total",
+            "Budget alert delivery attempts that failed (no answer, or not 2xx); the event "
+            "stays in Redis and is retried",
+            registry=r,
+        )
+        self.alerts_pending = Gauge(
+            "extauthz_alerts_pending",
+            "Budget alert events in Redis the webhook has not acknowledged yet (the "
+            "streams this server watches, as of its last look)",
+            registry=r,
+        )
 
         # children looked up once: labels() costs more than the increment itself
         self._request_children: dict[tuple[str, str], Counter] = {}

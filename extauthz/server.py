@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from extauthz.admin import KeyService
+from extauthz.alerts import AlertDeliverer
 from extauthz.budgets import BudgetService
 from extauthz.check import AuthorizationServicer
 from extauthz.decision import Decider
@@ -79,6 +80,8 @@ async def serve(settings: Settings) -> None:
         budget_mode=settings.budget_mode,
         reservation_ttl_s=settings.reservation_ttl_s,
         ledger=bool(settings.ledger_database_url),  # a sink copies the streams out
+        # budget alerts are recorded only where something delivers them
+        alert_thresholds=settings.alert_thresholds if settings.alert_webhook_url else (),
     )
     metrics = Metrics(per_key=settings.metrics_per_key)
     decider = Decider(
@@ -140,6 +143,22 @@ async def serve(settings: Settings) -> None:
         if journal is not None
         else None
     )
+    alerts = (
+        AlertDeliverer(
+            redis.client,
+            cluster=redis.cluster,
+            url=settings.alert_webhook_url,
+            secret=settings.alert_secret,
+            metrics=metrics,
+            retry_base_s=settings.alert_retry_base_s,
+            timeout_s=settings.alert_timeout_s,
+        )
+        if settings.alert_webhook_url
+        else None
+    )
+    if alerts is not None:
+        store.on_alert = alerts.notify  # a charge that appended events: read them now
+        alerts.start()
     try:
         http = await HttpEndpoint(
             metrics, lambda: watch.ready, decider, uri_header=settings.auth_uri_header
@@ -163,6 +182,7 @@ async def serve(settings: Settings) -> None:
             "redis": watch.redis_ok,
             "fail_open": settings.fail_open,
             "ledger": store.ledger,
+            "alerts": alerts is not None,
         },
     )
 
@@ -187,6 +207,8 @@ async def serve(settings: Settings) -> None:
     await asyncio.sleep(drain)
     await server.stop(SHUTDOWN_GRACE_S)
     await tap.drain()
+    if alerts is not None:  # what it has not delivered stays in Redis, for the next server
+        await alerts.stop()
     if replayer is not None:
         replayer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

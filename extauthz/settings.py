@@ -9,9 +9,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from keys import keygen
+from keys.alert_stream import BASIS_POINTS, MAX_THRESHOLD_BP
 from keys.connection import check_url
 from keys.money import MAX_USD, usd_to_nanos
 from keys.validation import MAX_LIMIT
@@ -108,6 +109,46 @@ def postgres_url(name: str, raw: str) -> str:
             f"{name}: expected postgresql://user:password@host:port/database (or postgres://)"
         )
     return raw
+
+
+def webhook_url(name: str, raw: str) -> str:
+    """'' (no alerts), or an http:// or https:// URL with a host. The value is never echoed:
+    a chat service's webhook URL is itself a credential."""
+    if not raw:
+        return raw
+    try:
+        parts = urlsplit(raw)
+        ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # a port that is not a number raises
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SettingsError(f"{name}: expected an http:// or https:// URL with a host")
+    return raw
+
+
+def thresholds(name: str, raw: str) -> tuple[int, ...]:
+    """'0.5,0.8,1.0' -> (5000, 8000, 10000): fractions of max_budget in basis points,
+    sorted, each once. Each is above 0, at most 10, with at most four decimals (the
+    scripts compare exactly, in integer nano-USD)."""
+    found: set[int] = set()
+    for part in raw.split(","):
+        text_value = part.strip()
+        try:
+            value = Decimal(text_value)
+        except InvalidOperation:
+            raise SettingsError(f"{name}: {text_value[:20]!r} is not a number") from None
+        bp = value * BASIS_POINTS if value.is_finite() else Decimal(0)
+        if not 0 < bp <= MAX_THRESHOLD_BP or bp != bp.to_integral():
+            raise SettingsError(
+                f"{name}: {text_value[:20]!r}: expected a fraction of max_budget above 0 and "
+                "at most 10, with at most four decimals (e.g. 0.5,0.8,1.0)"
+            )
+        found.add(int(bp))
+    return tuple(sorted(found))
+
+
+thresholds.__doc__ = "comma-separated, each in (0, 10]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +311,42 @@ VARIABLES: tuple[Variable, ...] = (
         "the spend ledger's PostgreSQL (postgresql://); set: every charge and key change "
         "is appended to the ledger streams in Redis, for `extauthz ledger` to copy there",
     ),
+    Variable(
+        "EXTAUTHZ_ALERT_WEBHOOK_URL",
+        "alert_webhook_url",
+        "",
+        webhook_url,
+        "budget alerts: POST each threshold crossing here (http:// or https://); unset: no "
+        "alerts are recorded or sent",
+    ),
+    Variable(
+        "EXTAUTHZ_ALERT_THRESHOLDS",
+        "alert_thresholds",
+        "0.5,0.8,1.0",
+        thresholds,
+        "fractions of max_budget whose first crossing in a budget period is alerted",
+    ),
+    Variable(
+        "EXTAUTHZ_ALERT_SECRET",
+        "alert_secret",
+        "",
+        text,
+        "signs each alert: x-extauthz-signature: sha256=<hex HMAC-SHA256 of the body>",
+    ),
+    Variable(
+        "EXTAUTHZ_ALERT_RETRY_BASE_MS",
+        "alert_retry_base_s",
+        "1000",
+        integer(1, 600_000, scale=0.001),
+        "backoff after an alert's first failed delivery; doubles per failure, up to 300 s",
+    ),
+    Variable(
+        "EXTAUTHZ_ALERT_TIMEOUT_MS",
+        "alert_timeout_s",
+        "5000",
+        integer(1, 120_000, scale=0.001),
+        "how long one alert POST may take; a retry waits this plus the backoff",
+    ),
 )
 
 REDIS_VARIABLES = (
@@ -316,6 +393,11 @@ class Settings:
     journal_dir: str
     journal_max_bytes: int
     ledger_database_url: str = field(repr=False)  # holds a password
+    alert_webhook_url: str = field(repr=False)  # may hold a token (chat webhooks)
+    alert_thresholds: tuple[int, ...]  # basis points of max_budget, ascending
+    alert_secret: str = field(repr=False)
+    alert_retry_base_s: float
+    alert_timeout_s: float
     redis_url: str
 
     @classmethod

@@ -18,7 +18,7 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
-from keys import keyspace, ledger_stream, scripts
+from keys import alert_stream, keyspace, ledger_stream, scripts
 from keys.budget import next_month_start_ms
 from keys.connection import REDIS_ERRORS, Arg, RedisBridge, unavailable
 from keys.errors import InvalidArgument, NotFound, StoreUnavailable
@@ -107,9 +107,13 @@ class MoneyPath:
         reservation_ttl_s: int = 900,
         abandoned_grace_s: float = 0.2,
         ledger: bool = False,
+        alert_thresholds: Sequence[int] = (),
     ) -> None:
         """`ledger`: append every charge and key event to the ledger stream of the key's
-        slot (a ledger sink is deployed: LEDGER_DATABASE_URL); else nothing grows."""
+        slot (a ledger sink is deployed: LEDGER_DATABASE_URL); else nothing grows.
+        `alert_thresholds`: basis points of max_budget at which a charge appends a budget
+        alert event (docs/design.md section 13); none: the scripts read and write nothing
+        for alerts."""
         if budget_mode not in BUDGET_MODES:
             raise ValueError(f"budget mode {budget_mode!r}: use reserve or after")
         self.redis = redis
@@ -126,6 +130,10 @@ class MoneyPath:
         self._owners: dict[str, tuple[str, str]] = {}
         self._orphans: set[asyncio.Future[int]] = set()  # releases in flight
         self.ledger = ledger
+        self.alert_thresholds = alert_stream.thresholds_arg(alert_thresholds)
+        # told the stream a charge appended alert events to (the deliverer, which then
+        # reads it at once rather than at its next sweep)
+        self.on_alert: Callable[[str], None] | None = None
 
     def _ledger_keys(self, key_id: str) -> list[Arg]:
         """The ledger stream of the key's slot, as the scripts take it (their last KEYS
@@ -362,6 +370,8 @@ class MoneyPath:
                 "this charge would overflow the key's spend or token counters (about $9 "
                 "billion / 9e18 tokens)"
             )
+        if reply.alerts:
+            self._alerted(alert_stream.key_stream(report.key_id, cluster=self.redis.cluster))
         if self.redis.cluster:
             # a duplicate too: a crash after the key's charge must not leave a level
             # uncharged, and each level remembers what it charged
@@ -391,6 +401,8 @@ class MoneyPath:
         level_keys, level_args = self._levels_inline(owners)
         keys += level_keys
         keys += self._ledger_keys(report.key_id)
+        if self.alert_thresholds:
+            keys.append(alert_stream.key_stream(report.key_id, cluster=self.redis.cluster))
         args: list[Arg] = [
             now,
             report.cost_nanos,
@@ -407,12 +419,30 @@ class MoneyPath:
             report.family,
             report.provider,
             1 if self.ledger else 0,
+            self.alert_thresholds,
         ]
         return scripts.decode_report(await self._run(scripts.REPORT_USAGE, keys, args))
+
+    def _alerted(self, stream: str) -> None:
+        if self.on_alert is not None:
+            self.on_alert(stream)
 
     async def _settle_levels(
         self, report: UsageReport, now: int, user_id: str, team_id: str
     ) -> None:
+        await asyncio.gather(
+            *(
+                self._settle_level(report, now, scope, scope_id)
+                for scope, scope_id in keyspace.scopes_of(user_id, team_id)
+            )
+        )
+
+    async def _settle_level(self, report: UsageReport, now: int, scope: str, scope_id: str) -> None:
+        """level_settle.lua at one budget, in its slot, with the alert stream of that slot."""
+        keys: list[Arg] = [
+            *keyspace.level_keys(scope, scope_id),
+            keyspace.level_marker_key(scope, scope_id, report.key_id, report.request_id),
+        ]
         args: list[Arg] = [
             now,
             keyspace.level_member(report.key_id, report.request_id),
@@ -422,18 +452,11 @@ class MoneyPath:
             next_month_start_ms(now),
             self.dedup_ttl_s,
         ]
-        await asyncio.gather(
-            *(
-                self._run(
-                    scripts.LEVEL_SETTLE,
-                    [
-                        *keyspace.level_keys(scope, scope_id),
-                        keyspace.level_marker_key(
-                            scope, scope_id, report.key_id, report.request_id
-                        ),
-                    ],
-                    args,
-                )
-                for scope, scope_id in keyspace.scopes_of(user_id, team_id)
-            )
-        )
+        stream = ""
+        if self.alert_thresholds:
+            stream = alert_stream.level_stream(scope, scope_id, cluster=True)
+            keys.append(stream)
+            args += [self.alert_thresholds, scope, scope_id]
+        reply = await self._run(scripts.LEVEL_SETTLE, keys, args)
+        if scripts.decode_level_settle(reply):
+            self._alerted(stream)

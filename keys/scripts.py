@@ -184,6 +184,7 @@ class ReportReply:
     user_id: str = ""
     team_id: str = ""
     reserved_nanos: int = 0
+    alerts: int = 0  # budget alert events the charge appended (key and inline levels)
 
 
 def decode_report(reply: Any) -> ReportReply:
@@ -195,7 +196,13 @@ def decode_report(reply: Any) -> ReportReply:
         reply[4],
         reply[5],
         int(reply[6]) if len(reply) > 6 else 0,
+        int(reply[7]) if len(reply) > 7 else 0,
     )
+
+
+def decode_level_settle(reply: Any) -> int:
+    """level_settle.lua: the budget alert events it appended (0 unless it charged)."""
+    return int(reply[1])
 
 
 # --- create.lua, update.lua, rotate.lua, delete.lua ----------------------------------

@@ -171,10 +171,20 @@ class Envoy:
         return 0
 
 
-def start_envoy(grpc_port: int, upstream_port: int, work_dir: Path, *, tap: bool = True) -> Envoy:
+def start_envoy(
+    grpc_port: int,
+    upstream_port: int,
+    work_dir: Path,
+    *,
+    tap: bool = True,
+    http_port: int | None = None,
+) -> Envoy:
+    """envoy.yaml on free ports in front of this server and upstream; `http_port` is the
+    server's HTTP port, where /ui (the console) goes (none: a port nothing listens on)."""
     ports = {
         "listener": p.free_port(),
         "extauthz": grpc_port,
+        "extauthz_http": http_port if http_port is not None else p.free_port(),
         "upstream": upstream_port,
         "admin": p.free_port(),
     }
@@ -188,7 +198,12 @@ def start_envoy(grpc_port: int, upstream_port: int, work_dir: Path, *, tap: bool
 def envoy(
     server: Server, upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Envoy]:
-    proxy = start_envoy(server.grpc_port, upstream.port, tmp_path_factory.mktemp("envoy"))
+    proxy = start_envoy(
+        server.grpc_port,
+        upstream.port,
+        tmp_path_factory.mktemp("envoy"),
+        http_port=server.http_port,
+    )
     yield proxy
     proxy.process.stop()
 

@@ -2,7 +2,7 @@
 -- roll_budget starts a new budget period once its reset time has passed: spent goes back
 -- to 0 and the reset moves to the next boundary (fixed periods step by their length;
 -- calendar months jump to next_month, the first instant of the next UTC month, which
--- the caller computes). Returns true when it rolled.
+-- the caller computes). Returns the new reset time when it rolled, else false.
 local function roll_budget(key, now, reset_at, period, next_month)
   reset_at = tonumber(reset_at) or 0
   if reset_at == 0 or now < reset_at then return false end
@@ -12,7 +12,7 @@ local function roll_budget(key, now, reset_at, period, next_month)
     next_reset = reset_at + (math.floor((now - reset_at) / period) + 1) * period
   end
   redis.call('HSET', key, 'spent', 0, 'budget_reset_at', string.format('%d', next_reset))
-  return true
+  return next_reset
 end
 
 -- What a missing digest is compared against: 64 hex characters, like a real one, that
@@ -197,16 +197,24 @@ local function release(lv, id, now)
   return 1
 end
 
--- Charges cost and tokens at one level (its budget period rolled first).
-local function charge(rec, now, cost, tokens, window, next_month)
-  local b = redis.call('HMGET', rec, 'budget_reset_at', 'budget_period_ms', 'win_start')
-  roll_budget(rec, now, b[1], b[2], next_month)
+-- What charge reads: its own fields, and with budget alerts on (`alerting`) what
+-- budget_alerts needs too, in the same HMGET.
+local CHARGE_FIELDS = {'budget_reset_at', 'budget_period_ms', 'win_start'}
+local ALERT_FIELDS = {'budget_reset_at', 'budget_period_ms', 'win_start', 'spent',
+  'max_budget', 'budget_set_at', 'created_at', 'alerted'}
+
+-- Charges cost and tokens at one level (its budget period rolled first). Returns the
+-- fields it read (as they were before the charge) and roll_budget's answer.
+local function charge(rec, now, cost, tokens, window, next_month, alerting)
+  local b = redis.call('HMGET', rec, unpack(alerting and ALERT_FIELDS or CHARGE_FIELDS))
+  local rolled = roll_budget(rec, now, b[1], b[2], next_month)
   redis.call('HINCRBY', rec, 'spent', cost)
   if now >= (tonumber(b[3]) or 0) + window then
     redis.call('HSET', rec, 'win_start', now, 'win_requests', 0, 'win_tokens', tokens)
   else
     redis.call('HINCRBY', rec, 'win_tokens', tokens)
   end
+  return b, rolled
 end
 
 
@@ -231,4 +239,79 @@ local function key_event(stream, rec, kind, now)
   end
   redis.call('XADD', stream, '*', 'type', kind, 'key_id', string.match(rec, '^vk:{(.*)}$'),
     'ts', now, 'version', string.format('%d', version), 'record', cjson.encode(fields))
+end
+
+
+-- Budget alerts (docs/design.md section 13). A charge that takes a level's spend to a
+-- threshold (basis points of max_budget) appends one event per threshold to the alert
+-- stream of the level's slot, once per budget period and max_budget: the record's
+-- `alerted` ("<period start>:<max_budget>:<highest basis points fired>") names the period
+-- and budget it counts for, so a new period or a changed budget starts it afresh without
+-- any script resetting it.
+local DAY_MS = 86400000
+
+-- The first instant (ms, UTC) of the calendar month before `month_start`, itself the first
+-- instant of a month: back by the day of the month of the day before it (civil_from_days,
+-- H. Hinnant's algorithm, in whole days since the epoch).
+local function previous_month_start(month_start)
+  local z = math.floor(month_start / DAY_MS) - 1 + 719468
+  local doe = z - math.floor(z / 146097) * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local day = doy - math.floor((153 * mp + 2) / 5) + 1
+  return month_start - day * DAY_MS
+end
+
+-- When the level's current budget period began (ms): a fixed period's reset minus its
+-- length; a calendar month's first instant; without a period, when the budget was last
+-- set (`budget_set_at`, else the record's `created_at`).
+local function period_start(reset_at, period_ms, set_at, created_at)
+  local reset = tonumber(reset_at) or 0
+  if reset == 0 then return tonumber(set_at) or tonumber(created_at) or 0 end
+  local period = tonumber(period_ms) or 0
+  if period > 0 then return reset - period end
+  return previous_month_start(reset)
+end
+
+-- ceil(max * bp / 10000) for money {hi, lo} and bp <= 100000 (10x), exactly: every
+-- product stays below 2^53.
+local function m_share(max, bp)
+  local x, y = max[1] * bp, max[2] * bp
+  local hi = math.floor(x / 1e4)
+  local lo = (x - hi * 1e4) * 1e5 + math.ceil(y / 1e4)
+  local carry = math.floor(lo / 1e9)
+  return {hi + carry, lo - carry * 1e9}
+end
+
+-- After `cost` was charged at one level (`rec`, named scope/id in the events; `b` and
+-- `rolled`: what charge read, ALERT_FIELDS, and whether it rolled the period): appends an
+-- event to `stream` for each threshold of `thresholds` ("5000,8000,10000": basis points
+-- of max_budget, ascending) that spent has reached and that has not fired in this period
+-- for this max_budget. Returns how many it appended. A charge that leaves spent below the
+-- lowest threshold (most charges) costs no command.
+local function budget_alerts(rec, scope, id, stream, thresholds, now, cost, b, rolled)
+  local budget = b[5]
+  if not budget or budget == '0' then return 0 end
+  local max = m_parse(budget)
+  local spent = m_add(rolled and {0, 0} or m_parse(b[4]), m_parse(cost))
+  if not m_le(m_share(max, tonumber(string.match(thresholds, '%d+'))), spent) then return 0 end
+  local start = string.format('%d', period_start(rolled or b[1], b[2], b[6], b[7]))
+  local this = start .. ':' .. budget .. ':'
+  local marker, done = b[8] or '', 0
+  if string.sub(marker, 1, #this) == this then done = tonumber(string.sub(marker, #this + 1)) or 0 end
+  local spent_text = m_sub_floor(spent, {0, 0})  -- as the record now has it
+  local fired = 0
+  for bp in string.gmatch(thresholds, '%d+') do
+    local t = tonumber(bp)
+    if t > done then
+      if not m_le(m_share(max, t), spent) then break end  -- ascending: none further either
+      redis.call('XADD', stream, '*', 'scope', scope, 'id', id, 'threshold', bp,
+        'spent', spent_text, 'max_budget', budget, 'period_start', start, 'ts', now)
+      done, fired = t, fired + 1
+    end
+  end
+  if fired > 0 then redis.call('HSET', rec, 'alerted', this .. string.format('%d', done)) end
+  return fired
 end

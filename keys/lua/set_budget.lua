@@ -7,9 +7,14 @@
 -- scripts: they start at 0 on a new record and are never touched here afterwards. A new
 -- budget_duration starts its first period now (ARGV[5], computed by the caller); the same
 -- one keeps the current period. HSETNX also fills in a counter that a record without one
--- lacks, so every reader finds every field.
+-- lacks, so every reader finds every field. A change of max_budget or budget_duration sets
+-- `budget_set_at`: without a period, budget alerts count theirs from it (design section 13).
 local key = KEYS[1]
 local created = redis.call('EXISTS', key) == 0 and 1 or 0
+local before = redis.call('HMGET', key, 'max_budget', 'budget_duration')
+if created == 0 and (before[1] ~= ARGV[2] or before[2] ~= ARGV[3]) then
+  redis.call('HSET', key, 'budget_set_at', ARGV[1])
+end
 redis.call('HSET', key,
   'max_budget', ARGV[2], 'rpm_limit', ARGV[6], 'tpm_limit', ARGV[7], 'max_parallel', ARGV[8])
 if created == 1 or redis.call('HGET', key, 'budget_duration') ~= ARGV[3] then

@@ -7,7 +7,10 @@
 -- ARGV[3..] field, value, field, value, ...; the pseudo-field `-ml` first removes every
 --          per-model limit (`ml:<model>`), so a new model_limits map replaces the old
 -- returns 1 updated, 0 no such key
+-- A change of max_budget or budget_duration sets `budget_set_at` (now): where the budget
+-- has no period, budget alerts count their period from it (docs/design.md section 13).
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local before = redis.call('HMGET', KEYS[1], 'max_budget', 'budget_duration')
 local fields = {}
 for i = 3, #ARGV, 2 do
   if ARGV[i] == '-ml' then
@@ -20,5 +23,9 @@ for i = 3, #ARGV, 2 do
   end
 end
 if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
+local after = redis.call('HMGET', KEYS[1], 'max_budget', 'budget_duration')
+if before[1] ~= after[1] or before[2] ~= after[2] then
+  redis.call('HSET', KEYS[1], 'budget_set_at', ARGV[1])
+end
 key_event(KEYS[2], KEYS[1], ARGV[2], ARGV[1])
 return 1

@@ -94,6 +94,7 @@ def start_tls_envoy(
     ports = {
         "listener": p.free_port(),
         "extauthz": server.grpc_port,
+        "extauthz_http": server.http_port,
         "upstream": upstream.port,
         "admin": p.free_port(),
     }

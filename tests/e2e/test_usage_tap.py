@@ -550,6 +550,7 @@ def clamp_unreachable(
     ports = {
         "listener": p.free_port(),
         "extauthz": server.grpc_port,
+        "extauthz_http": server.http_port,
         "upstream": silent.port,
         "admin": p.free_port(),
     }

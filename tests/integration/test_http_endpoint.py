@@ -7,7 +7,9 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from collections.abc import AsyncIterator
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import pytest
 from extauthz.decision import Decider
 from extauthz.http import HttpEndpoint
 from extauthz.metrics import Metrics
+from extauthz.ui import Console, console_files
 from keys.pricing import PriceTable
 from keys.store import KeyStore
 from tests.helpers import key_spec
@@ -140,3 +143,126 @@ async def test_the_listen_queue_takes_a_burst_of_nginx_connections(endpoint: End
     backlog = int(done.stdout.split()[2])  # for a listening socket, Send-Q is its backlog
     somaxconn = await asyncio.to_thread(Path("/proc/sys/net/core/somaxconn").read_text)
     assert backlog >= min(1024, int(somaxconn))
+
+
+# ---------------------------------------------------------------- the console (/ui)
+
+
+async def test_ui_without_its_slash_redirects_to_the_console(endpoint: Endpoint) -> None:
+    reply = await endpoint.get("/ui")
+    assert reply.status == 308 and reply.headers["location"] == "/ui/"
+
+
+async def test_ui_serves_the_console_page_with_strict_security_headers(
+    endpoint: Endpoint,
+) -> None:
+    reply = await endpoint.get("/ui/")
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "text/html; charset=utf-8"
+    assert b'<script src="app.js" defer></script>' in reply.body
+    csp = reply.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert reply.headers["x-content-type-options"] == "nosniff"
+    assert reply.headers["referrer-policy"] == "no-referrer"
+    assert reply.headers["x-frame-options"] == "DENY"
+    assert reply.headers["cache-control"] == "no-cache"
+
+
+async def test_console_page_has_no_inline_script_or_style(endpoint: Endpoint) -> None:
+    """The CSP forbids them: an inline one would silently not run."""
+    page = (await endpoint.get("/ui/")).body.decode()
+    assert re.findall(r"<script(?![^>]*\bsrc=)", page) == []
+    assert "<style" not in page and " style=" not in page and "javascript:" not in page
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type"),
+    [
+        ("app.js", "text/javascript; charset=utf-8"),
+        ("app.css", "text/css; charset=utf-8"),
+        ("favicon.svg", "image/svg+xml"),
+        ("index.html", "text/html; charset=utf-8"),
+    ],
+)
+async def test_each_console_file_has_its_content_type(
+    endpoint: Endpoint, name: str, content_type: str
+) -> None:
+    reply = await endpoint.get(f"/ui/{name}")
+    assert reply.status == 200 and reply.headers["content-type"] == content_type
+    assert reply.headers["x-content-type-options"] == "nosniff"
+    assert int(reply.headers["content-length"]) == len(reply.body) > 0
+
+
+async def test_a_console_file_the_browser_has_is_answered_304_without_a_body(
+    endpoint: Endpoint,
+) -> None:
+    first = await endpoint.get("/ui/app.js")
+    again = await endpoint.get("/ui/app.js", if_none_match=first.headers["etag"])
+    assert again.status == 304 and again.body == b""
+    assert again.headers["etag"] == first.headers["etag"]
+    assert "content-length" not in again.headers
+    changed = await endpoint.get("/ui/app.js", if_none_match='"something-else"')
+    assert changed.status == 200 and changed.body == first.body
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/ui/../metrics",
+        "/ui/%2e%2e/metrics",
+        "/ui/..%2fmetrics",
+        "/ui/./app.js",
+        "/ui//app.js",
+        "/ui/app.js/",
+        "/ui/nothing.js",
+        "/ui/__init__.py",
+        "/ui/console/app.js",
+        "/ui/%61pp.js",
+        "/uix",
+    ],
+)
+async def test_only_the_console_files_own_names_are_served(endpoint: Endpoint, path: str) -> None:
+    reply = await endpoint.get(path)
+    assert reply.status == 404
+    assert b"HELP" not in reply.body and b"function" not in reply.body
+
+
+async def test_console_health_follows_readiness_as_json(endpoint: Endpoint) -> None:
+    ready = await endpoint.get("/ui/health")
+    assert ready.status == 200 and ready.headers["content-type"] == "application/json"
+    assert json.loads(ready.body)["status"] == "ready"
+    assert ready.headers["cache-control"] == "no-store"
+    endpoint.ready[0] = False
+    down = await endpoint.get("/ui/health")
+    assert down.status == 503
+    assert json.loads(down.body) == {
+        "status": "not ready",
+        "message": "the server cannot reach Redis, or is shutting down",
+    }
+
+
+async def test_console_files_cannot_be_posted_to(endpoint: Endpoint) -> None:
+    reply = await endpoint.send(
+        b"POST /ui/ HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    assert reply.status == 405
+
+
+async def test_a_head_of_a_console_file_has_its_length_and_no_body(endpoint: Endpoint) -> None:
+    full = await endpoint.get("/ui/app.css")
+    reply = await endpoint.send(
+        b"HEAD /ui/app.css HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    assert reply.status == 200 and reply.body == b""
+    assert reply.headers["content-length"] == str(len(full.body))
+
+
+def test_every_file_of_the_console_directory_is_served_and_packaged() -> None:
+    """A file the loader skipped, or the wheel left out, would be a 404 in production."""
+    directory = Path(str(console_files()))
+    names = {entry.name for entry in directory.iterdir() if entry.is_file()}
+    assert set(Console.load(lambda: True).assets) == names
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["extauthz"]
+    assert [n for n in sorted(names) if not any(fnmatch(f"console/{n}", g) for g in globs)] == []

@@ -26,7 +26,8 @@ from tests.helpers import Clients, chat_body, eventually, fetch
 
 pytestmark = pytest.mark.integration
 
-FIXED = dict(p.ENVOY_PORTS)  # Envoy's listener and admin, extauthz gRPC, the upstream
+# Envoy's listener and admin, extauthz gRPC, the upstream; the HTTP port is moved (stack_env)
+FIXED = {name: port for name, port in p.ENVOY_PORTS.items() if name != "extauthz_http"}
 ADMIN = "adm-make-run-test"
 
 
@@ -128,6 +129,18 @@ def test_make_run_serves_through_envoy_with_keys_in_the_named_redis(
         chat_body(),
     )
     assert reply.status == 200, reply.body
+
+
+def test_make_run_serves_the_console_through_envoy_from_the_servers_http_port(
+    on_test_redis: tuple[Run, str, int],
+) -> None:
+    """EXTAUTHZ_HTTP_PORT moved: Envoy's /ui route follows it."""
+    assert "console: http://127.0.0.1:10000/ui/ (sign in with the admin token)" in (
+        on_test_redis[0].text
+    )
+    page = fetch(FIXED["listener"], "GET", "/ui/")
+    assert page.status == 200 and b"extauthz console" in page.body
+    assert fetch(FIXED["listener"], "GET", "/ui/health").json()["status"] == "ready"
 
 
 def test_sigterm_stops_make_run_and_everything_it_started(

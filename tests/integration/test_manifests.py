@@ -3,9 +3,12 @@ config through `envoy --mode validate`, and the metric names in the dashboard an
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "extauthz-dashboard.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 OPERATIONS = ROOT / "docs" / "operations.md"
 ENVOY_YAML = ROOT / "envoy.yaml"
+# The one other image the manifests run: Envoy, in the sidecar layout.
+ENVOY_IMAGE_REPOSITORY = "envoyproxy/envoy"
 
 # The newest Kubernetes whose schemas kubernetes-validate bundles (e.g. "1.37.0").
 KUBERNETES_VERSION: str = str(kubernetes_validate.latest_version())
@@ -46,9 +51,12 @@ COUNTERS = {
     "extauthz_shadow_denials_total",
     "extauthz_tap_unmetered_total",
     "extauthz_tap_responses_total",
+    "extauthz_alerts_sent_total",
+    "extauthz_alerts_retried_total",
+    "extauthz_alerts_failed_total",
 }
 HISTOGRAMS = {"extauthz_check_duration_seconds", "extauthz_redis_latency_seconds"}
-GAUGES = {"extauthz_usage_journal_depth", "extauthz_redis_up"}
+GAUGES = {"extauthz_usage_journal_depth", "extauthz_redis_up", "extauthz_alerts_pending"}
 # What the ledger sink exports on its own port (ledger/metrics.py): alerts, no dashboard.
 LEDGER_METRICS = {
     "extauthz_ledger_lag",
@@ -107,13 +115,32 @@ def pod_spec(deployment: Document) -> Document:
     return spec
 
 
-def extauthz_container(deployment: Document) -> Document:
+def containers(deployment: Document) -> list[Document]:
     spec = pod_spec(deployment)
-    found: list[Document] = [
-        c
-        for c in [*spec.get("initContainers", []), *spec["containers"]]
-        if c.get("command", [])[:2] == ["extauthz", "serve"]
-    ]
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+# Set by a `make test` around pytest, or by hand: either would override the Makefile's own.
+MAKE_OVERRIDES = {"IMAGE", "TAG", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
+
+
+@functools.cache
+def makefile_image() -> str:
+    """IMAGE:TAG as the Makefile defines them: what `make image` builds."""
+    env = {k: v for k, v in os.environ.items() if k not in MAKE_OVERRIDES}
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-s", "-C", str(ROOT), "image-name"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env=env,
+    )
+    return result.stdout.strip()
+
+
+def extauthz_container(deployment: Document) -> Document:
+    found = [c for c in containers(deployment) if c.get("command", [])[:2] == ["extauthz", "serve"]]
     assert len(found) == 1, "expected one container running `extauthz serve`"
     return found[0]
 
@@ -165,6 +192,43 @@ def test_every_manifest_was_found() -> None:
         "Service/extauthz-headless",
         "HorizontalPodAutoscaler/extauthz",
     }
+
+
+def test_make_image_tags_the_image_with_the_project_version() -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert makefile_image() == f"extauthz:{version}"
+
+
+def test_every_extauthz_container_runs_the_image_make_image_builds() -> None:
+    image = makefile_image()
+    ours = 0
+    for where, doc in MANIFESTS:
+        if doc["kind"] != "Deployment":
+            continue
+        for container in containers(doc):
+            if container.get("command", [])[:1] == ["extauthz"]:
+                assert container["image"] == image, f"{where}: {container['name']}"
+                ours += 1
+            else:  # nothing else but Envoy, whose image is not ours to build
+                repository = container["image"].rpartition(":")[0]
+                assert repository == ENVOY_IMAGE_REPOSITORY, f"{where}: {container['name']}"
+    assert ours == 4  # the sidecar, the shared tier, the ledger's migrate and its sink
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        "README.md",
+        "docs/operations.md",
+        "deploy/kubernetes/README.md",
+        *(f"deploy/kubernetes/{name}/kustomization.yaml" for name in (*LAYOUTS, "ledger")),
+    ],
+)
+def test_docs_name_the_image_make_image_builds(document: str) -> None:
+    text = (ROOT / document).read_text()
+    assert makefile_image() in text
+    assert "make image" in text
+    assert "ghcr.io/example" not in text
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -243,9 +307,9 @@ def test_extauthz_probes_readiness_on_grpc_health_and_liveness_without_redis(nam
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_containers_are_locked_down_and_sized(name: str) -> None:
-    spec = pod_spec(the_one(layout(name), "Deployment"))
-    assert spec["securityContext"]["runAsNonRoot"] is True
-    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+    deployment = the_one(layout(name), "Deployment")
+    assert pod_spec(deployment)["securityContext"]["runAsNonRoot"] is True
+    for container in containers(deployment):
         context = container["securityContext"]
         assert context["readOnlyRootFilesystem"] is True
         assert context["allowPrivilegeEscalation"] is False
@@ -473,3 +537,16 @@ def test_the_ledger_list_is_every_metric_the_sink_exports() -> None:
     families = list(LedgerMetrics().registry.collect())
     exported = {f.name + ("_total" if f.type == "counter" else "") for f in families}
     assert exported == LEDGER_METRICS
+
+
+def test_sidecar_envoy_leaves_out_the_console_with_the_api_it_calls() -> None:
+    """The console calls /api, which the sidecar has not: its route and cluster go too, and
+    /ui is the upstream's there, behind ext_authz like any path."""
+    config = yaml.safe_load(sidecar_envoy_config())
+    assert "extauthz_http" not in {c["name"] for c in config["static_resources"]["clusters"]}
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes = manager["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    prefixes = {r["match"].get("path_separated_prefix") for r in routes}
+    assert not prefixes & {"/ui", "/api", "/api/keys", "/api/usage", "/api/budgets"}
+    shipped = yaml.safe_load(ENVOY_YAML.read_text())
+    assert "extauthz_http" in {c["name"] for c in shipped["static_resources"]["clusters"]}

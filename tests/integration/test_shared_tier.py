@@ -26,7 +26,13 @@ CLUSTER = p.ROOT / "deploy" / "envoy" / "shared-tier-extauthz-cluster.yaml"
 def shared_tier_config(servers: list[Server], upstream: int, listener: int) -> str:
     config: dict[str, Any] = yaml.safe_load(
         p.render_envoy_config(
-            {"listener": listener, "extauthz": 1, "upstream": upstream, "admin": p.free_port()}
+            {
+                "listener": listener,
+                "extauthz": 1,
+                "extauthz_http": servers[0].http_port,
+                "upstream": upstream,
+                "admin": p.free_port(),
+            }
         )
     )
     (cluster,) = yaml.safe_load(CLUSTER.read_text())

@@ -113,3 +113,37 @@ def test_a_ledger_url_that_is_not_postgresql_is_refused_without_echoing_it(url: 
     with pytest.raises(SettingsError, match="LEDGER_DATABASE_URL") as refused:
         Settings.from_env({"LEDGER_DATABASE_URL": url})
     assert "hunter2" not in str(refused.value) and "postgresql://" in str(refused.value)
+
+
+def test_alert_thresholds_are_basis_points_sorted_once_each() -> None:
+    assert Settings.from_env({}).alert_thresholds == (5000, 8000, 10000)
+    env = {"EXTAUTHZ_ALERT_THRESHOLDS": " 1.0, 0.25,0.2500 ,10, 0.0001"}
+    assert Settings.from_env(env).alert_thresholds == (1, 2500, 10000, 100000)
+
+
+@pytest.mark.parametrize("raw", ["0", "-0.5", "10.0001", "0.00001", "half", "0.5,,1", "nan"])
+def test_alert_thresholds_outside_0_to_10_or_finer_than_four_decimals_are_refused(
+    raw: str,
+) -> None:
+    with pytest.raises(SettingsError, match="EXTAUTHZ_ALERT_THRESHOLDS"):
+        Settings.from_env({"EXTAUTHZ_ALERT_THRESHOLDS": raw})
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://hooks.example/x", "hooks.example/x", "http:///x", "https://h:port/x"]
+)
+def test_a_webhook_url_must_be_http_or_https_and_is_never_echoed(url: str) -> None:
+    with pytest.raises(SettingsError, match="EXTAUTHZ_ALERT_WEBHOOK_URL") as raised:
+        Settings.from_env({"EXTAUTHZ_ALERT_WEBHOOK_URL": url})
+    assert url not in str(raised.value)
+
+
+def test_the_webhook_url_and_alert_secret_stay_out_of_the_settings_repr() -> None:
+    s = Settings.from_env(
+        {
+            "EXTAUTHZ_ALERT_WEBHOOK_URL": "https://hooks.example/services/T0/B0/tok3n",
+            "EXTAUTHZ_ALERT_SECRET": "whsec-hunter2",
+        }
+    )
+    assert s.alert_webhook_url.endswith("tok3n") and s.alert_secret == "whsec-hunter2"
+    assert "tok3n" not in repr(s) and "hunter2" not in repr(s)
