@@ -16,9 +16,10 @@ import pytest
 
 from devstack import processes as p
 from devstack.mock_upstream import MockUpstream
-from keys.connection import RedisBridge
+from keys.connection import Client, RedisBridge, connect
 from keys.store import KeyStore
 from tests.helpers import Clients, fetch
+from tests.ledger_support import migrated
 
 # Known defaults, so tests can assert what CreateKey fills in.
 SERVER_DEFAULTS = {
@@ -106,6 +107,21 @@ def ledger_redis(tmp_path: Path) -> Iterator[p.RedisServer]:
     server = p.RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def redis(ledger_redis: p.RedisServer) -> AsyncIterator[Client]:
+    """A client of this test's own Redis (the ledger tests')."""
+    client = connect(ledger_redis.url, timeout_s=5)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def db(ledger_db: str) -> str:
+    """This test's own ledger database, migrated."""
+    await migrated(ledger_db)
+    return ledger_db
 
 
 Server = p.Extauthz

@@ -13,7 +13,7 @@ import pytest
 from devstack.processes import RedisServer
 from keys import keygen, validation
 from keys.budget import parse_duration
-from keys.connection import Client, RedisBridge, connect
+from keys.connection import Client, RedisBridge
 from keys.errors import InvalidArgument
 from keys.keyspace import record_key
 from keys.model import UsageReport
@@ -25,7 +25,6 @@ from tests.ledger_support import (
     SINGLE_STREAM,
     RedisHalf,
     SinkParts,
-    migrated,
     query,
     running_sink,
 )
@@ -34,24 +33,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def redis(ledger_redis: RedisServer) -> AsyncIterator[Client]:
-    client = connect(ledger_redis.url, timeout_s=5)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def store(ledger_redis: RedisServer) -> AsyncIterator[KeyStore]:
     """A store that appends to the ledger, as the server does with LEDGER_DATABASE_URL."""
     bridge = RedisBridge.from_url(ledger_redis.url, timeout_s=2)
     yield KeyStore(bridge, clock=ManualClock(NOW_MS), ledger=True)
     await bridge.aclose()
-
-
-@pytest.fixture
-async def db(ledger_db: str) -> str:
-    await migrated(ledger_db)
-    return ledger_db
 
 
 async def settle(parts: SinkParts, within_s: float = 10) -> None:

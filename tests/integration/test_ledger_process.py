@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,19 +28,6 @@ from tests.ledger_support import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def redis(ledger_redis: RedisServer) -> AsyncIterator[Client]:
-    client = connect(ledger_redis.url, timeout_s=5)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def db(ledger_db: str) -> str:
-    await migrated(ledger_db)
-    return ledger_db
 
 
 async def charges(half: RedisHalf, key_id: str, first: int, count: int, cost: int = 1001) -> int:

@@ -3,30 +3,15 @@ the nano-dollar, 1 with a line naming each key that differs, 2 while the sink is
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import psycopg
 import pytest
 
 from devstack.processes import RedisServer
-from keys.connection import Client, connect
+from keys.connection import Client
 from keys.keyspace import record_key
-from tests.ledger_support import RedisHalf, migrated, reconcile, running_sink
+from tests.ledger_support import RedisHalf, reconcile, running_sink
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def redis(ledger_redis: RedisServer) -> AsyncIterator[Client]:
-    client = connect(ledger_redis.url, timeout_s=5)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def db(ledger_db: str) -> str:
-    await migrated(ledger_db)
-    return ledger_db
 
 
 async def written(half: RedisHalf, redis_url: str, db: str) -> tuple[str, str]:

@@ -5,7 +5,6 @@ dead consumer's entries claimed) writing nothing twice."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -13,7 +12,7 @@ import psycopg
 import pytest
 
 from devstack.processes import RedisServer
-from keys.connection import Client, connect
+from keys.connection import Client
 from keys.keyspace import record_key
 from ledger.entries import Entry
 from ledger.streams import GROUP, Streams
@@ -22,26 +21,12 @@ from tests.ledger_support import (
     NOW_MS,
     SINGLE_STREAM,
     RedisHalf,
-    migrated,
     query,
     running_sink,
     usd,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def redis(ledger_redis: RedisServer) -> AsyncIterator[Client]:
-    client = connect(ledger_redis.url, timeout_s=5)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def db(ledger_db: str) -> str:
-    await migrated(ledger_db)
-    return ledger_db
 
 
 async def read_once(streams: Streams) -> list[Entry]:
