@@ -966,7 +966,7 @@
         field("Requests in flight", inputs.max_parallel_requests, "0: no limit"),
         field("Allowed models", inputs.allowed_models, "Comma-separated; * or empty: every model"),
         field("Expires in (days)", inputs.expires_days, "Empty: unchanged"),
-        checkbox("Enforce", inputs.enforce, "Unchecked: shadow mode, nothing is denied"),
+        checkbox("Enforce", inputs.enforce, "Unchecked: shadow mode, the key's own limits deny nothing"),
       ),
       h("div", { className: "actions" }, save),
     );
@@ -1099,7 +1099,7 @@
         field("Tokens per minute", inputs.tpm_limit, "Empty: the default; 0: no limit"),
         field("Requests in flight", inputs.max_parallel_requests, "Empty: the default; 0: no limit"),
         field("Expires in (days)", inputs.expires_days, "Empty: the server's longest"),
-        checkbox("Enforce", inputs.enforce, "Unchecked: shadow mode, nothing is denied"),
+        checkbox("Enforce", inputs.enforce, "Unchecked: shadow mode, the key's own limits deny nothing"),
       ),
       h("div", { className: "actions" }, create),
     );
