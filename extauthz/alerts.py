@@ -35,13 +35,13 @@ from extauthz.metrics import Metrics
 from keys.alert_stream import GROUP, SINGLE_STREAM, STREAM_MATCH, AlertEvent
 from keys.connection import REDIS_ERRORS, Client
 from keys.errors import StoreUnavailable
+from keys.stream_groups import create_groups, forget_idle_consumers
 
 log = logging.getLogger("extauthz.alerts")
 
 RETRY_CAP_S: Final = 300.0  # the longest backoff between two attempts at one event
 SWEEP_S: Final = 30.0  # every stream's length looked at: events no hint told us about
 RESCAN_S: Final = 600.0  # Redis Cluster: SCAN for streams (also at start)
-FORGET_CONSUMER_MS: Final = 3_600_000  # a consumer idle this long, holding nothing, is gone
 BATCH: Final = 100  # entries read or claimed per stream per round
 CONCURRENCY: Final = 4  # webhook requests at once (and events taken from Redis at once)
 USER_AGENT: Final = "extauthz-alerts"
@@ -285,19 +285,13 @@ class AlertDeliverer:
         await self._join(found)
 
     async def _join(self, streams: Iterable[str]) -> None:
-        """Creates the group on streams not seen before, at their first entry: nothing
-        appended before any server delivered is skipped."""
+        """Joins the group on streams not seen before (created at their first entry)."""
         new = sorted(set(streams) - self.known)
         if not new:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for name in new:
-            pipe.xgroup_create(name, GROUP, id="0", mkstream=True)
-        for name, reply in zip(new, await pipe.execute(raise_on_error=False), strict=True):
-            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
-                raise reply
-            self.known.add(name)
-            self.active.add(name)
+        await create_groups(self.client, new, GROUP, mkstream=True)
+        self.known.update(new)
+        self.active.update(new)
 
     async def _sweep(self) -> None:
         """Which known streams hold events (XLEN: delivered events are deleted)."""
@@ -311,27 +305,11 @@ class AlertDeliverer:
         self.active |= {name for name, n in zip(names, lengths, strict=True) if int(n)}
 
     async def _forget_idle_consumers(self) -> None:
-        """Drops consumers holding nothing and idle an hour: servers that stopped (every
-        server that read a stream left its name there)."""
-        names = sorted(self.known)
-        if not names:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for name in names:
-            pipe.xinfo_consumers(name, GROUP)
-        replies = await pipe.execute(raise_on_error=False)
-        pipe = self.client.pipeline(transaction=False)
-        for name, consumers in zip(names, replies, strict=True):
-            if isinstance(consumers, Exception):
-                continue
-            for consumer in consumers:
-                if (
-                    str(consumer["name"]) != self.consumer
-                    and int(consumer["pending"]) == 0
-                    and int(consumer["idle"]) > FORGET_CONSUMER_MS
-                ):
-                    pipe.xgroup_delconsumer(name, GROUP, str(consumer["name"]))
-        await pipe.execute()
+        """Drops the names of servers that stopped (every server that read a stream left
+        its name there)."""
+        await forget_idle_consumers(
+            self.client, sorted(self.known), GROUP, self.consumer, tolerate=True
+        )
 
     async def _round(self) -> None:
         """On the streams that hold events or were just written: new entries, and pending

@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 from keys import keygen
 from keys.connection import Client
 from keys.keyspace import record_key
+from keys.stream_groups import create_groups, forget_idle_consumers
 from ledger.entries import Entry, EntryRef, parse
 
 GROUP: Final = "ledger"
@@ -28,7 +29,6 @@ STREAM_MATCH: Final = "ledger:{*}"
 RECORD_MATCH: Final = "vk:{*}"
 # A consumer with nothing pending and idle this long is a sink that is gone: its name is
 # dropped from the group (a live one is re-created by its next read).
-FORGET_CONSUMER_MS: Final = 3_600_000
 SCAN_COUNT: Final = 1000
 
 
@@ -56,14 +56,7 @@ class Streams:
         """Finds the streams and gives each new one the group, created at the stream's
         first entry: nothing written before the sink first ran is skipped."""
         found = await self.scan()
-        new = [name for name in found if name not in self.known]
-        if new:
-            pipe = self.client.pipeline()
-            for name in new:
-                pipe.xgroup_create(name, GROUP, id="0")
-            for reply in await pipe.execute(raise_on_error=False):
-                if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
-                    raise reply
+        await create_groups(self.client, [name for name in found if name not in self.known], GROUP)
         self.known = found
         return found
 
@@ -87,23 +80,9 @@ class Streams:
             }
 
     async def forget_idle_consumers(self) -> None:
-        """Drops consumers with nothing pending, idle for an hour: the names of sinks that
-        stopped (a live one is re-created by its next read)."""
-        pipe = self.client.pipeline()
-        for stream in self.known:
-            pipe.xinfo_consumers(stream, GROUP)
-        replies = await pipe.execute()
-        pipe = self.client.pipeline()
-        for stream, consumers in zip(self.known, replies, strict=True):
-            for consumer in consumers:
-                name = str(consumer["name"])
-                if (
-                    name != self.consumer
-                    and int(consumer["pending"]) == 0
-                    and int(consumer["idle"]) > FORGET_CONSUMER_MS
-                ):
-                    pipe.xgroup_delconsumer(stream, GROUP, name)
-        await pipe.execute()
+        """Drops the names of sinks that stopped (a live one is re-created by its next
+        read)."""
+        await forget_idle_consumers(self.client, self.known, GROUP, self.consumer)
 
     async def own(self) -> list[Entry]:
         """Entries delivered to this consumer and not acknowledged: after a restart under
