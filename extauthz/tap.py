@@ -41,12 +41,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from extauthz import tap_directives
 from extauthz.metrics import Metrics
 from extauthz.request import OUTPUT_CAP_FIELDS
+from extauthz.responses import error_body
 from extauthz.sse_filter import UsageChunkFilter
 from extauthz.usage_meter import Metered, MeteredUsage, ResponseMeter
 from keys import keygen
 from keys.errors import InvalidArgument, NotFound, StoreUnavailable
 from keys.journal import JournalFull, UsageJournal
-from keys.model import UsageReport
+from keys.model import Reason, UsageReport
 from keys.money import nanos_to_usd
 from keys.pricing import PriceTable
 from keys.store import KeyStore
@@ -384,17 +385,12 @@ class UsageTap:
     def _refuse_unclamped(self, exchange: _Exchange) -> ext_proc.ProcessingResponse:
         self._charge_later(exchange, cut=False)  # releases: nothing was generated
         exchange.done = True
-        body = json.dumps(
-            {
-                "error": {
-                    "message": "The budget covers a shorter answer only, and this request's "
-                    "max_tokens could not be lowered.",
-                    "type": "insufficient_quota",
-                    "param": None,
-                    "code": "budget_exceeded",
-                }
-            }
-        ).encode()
+        body = error_body(
+            Reason.BUDGET_EXCEEDED.value,
+            "The budget covers a shorter answer only, and this request's max_tokens could "
+            "not be lowered.",
+            "insufficient_quota",
+        )
         return ext_proc.ProcessingResponse(
             immediate_response=ext_proc.ImmediateResponse(
                 status={"code": 402},
