@@ -12,6 +12,14 @@
   const HEALTH_EVERY_MS = 15000;
   const USAGE_DAYS = 30;
   const SVG_NS = "http://www.w3.org/2000/svg";
+  // a key's numeric limits, as both the create form and the limits form read them:
+  // [field, label, whole number]
+  const LIMIT_NUMBERS = [
+    ["max_budget", "Max budget", false],
+    ["rpm_limit", "Requests per minute", true],
+    ["tpm_limit", "Tokens per minute", true],
+    ["max_parallel_requests", "Requests in flight", true],
+  ];
   const GRPC_CODES = [
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
     "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
@@ -976,13 +984,7 @@
         const patch = {};
         const name = inputs.name.value.trim();
         if (name !== (key.name || "")) patch.name = name;
-        const numbers = [
-          ["max_budget", "Max budget", false],
-          ["rpm_limit", "Requests per minute", true],
-          ["tpm_limit", "Tokens per minute", true],
-          ["max_parallel_requests", "Requests in flight", true],
-        ];
-        for (const [fieldName, label, whole] of numbers) {
+        for (const [fieldName, label, whole] of LIMIT_NUMBERS) {
           const value = readNumber(inputs[fieldName], label, { whole });
           const now = value === undefined ? 0 : value;
           if (now !== Number(key[fieldName] || 0)) patch[fieldName] = now;
@@ -1118,10 +1120,7 @@
         const list = readList(inputs.allowed_models);
         if (list.length) spec.allowed_models = list;
         const numbers = [
-          ["max_budget", "Max budget", false, 0],
-          ["rpm_limit", "Requests per minute", true, 0],
-          ["tpm_limit", "Tokens per minute", true, 0],
-          ["max_parallel_requests", "Requests in flight", true, 0],
+          ...LIMIT_NUMBERS.map(([fieldName, label, whole]) => [fieldName, label, whole, 0]),
           ["expires_days", "Expires in", true, 1],
         ];
         for (const [fieldName, label, whole, min] of numbers) {
