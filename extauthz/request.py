@@ -56,11 +56,17 @@ def requested_model(body: bytes, headers: Mapping[str, str], body_bytes: int = 0
     return _with_preferred(_body_model(body, headers, size), headers)
 
 
+def header_count(value: str) -> int | None:
+    """A header's whole number (ASCII digits, at most 15), else None."""
+    value = value.strip()
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 15 else None
+
+
 def _declared_length(headers: Mapping[str, str]) -> int:
     for name in ("content-length", ORIGINAL_LENGTH_HEADER):
-        value = headers.get(name, "").strip()
-        if value.isascii() and value.isdigit() and len(value) <= 15:
-            return int(value)
+        length = header_count(headers.get(name, ""))
+        if length is not None:
+            return length
     return 0
 
 

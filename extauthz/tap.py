@@ -40,7 +40,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
 from extauthz import tap_directives
 from extauthz.metrics import Metrics
-from extauthz.request import OUTPUT_CAP_FIELDS
+from extauthz.request import OUTPUT_CAP_FIELDS, header_count
 from extauthz.responses import error_body
 from extauthz.sse_filter import UsageChunkFilter
 from extauthz.usage_meter import Metered, MeteredUsage, ResponseMeter
@@ -126,8 +126,7 @@ def _directives(message: ext_proc.ProcessingRequest) -> dict[str, str]:
 
 
 def _length(value: str) -> int:
-    value = value.strip()
-    return int(value) if value.isdigit() and len(value) <= 15 else 0
+    return header_count(value) or 0
 
 
 def rewrite_request(body: bytes, path: str, *, add_usage: bool, max_tokens: int) -> bytes | None:

@@ -172,3 +172,11 @@ def test_the_upstream_is_asked_only_for_encodings_the_meter_reads(
     accept: str | None, sent: str | None
 ) -> None:
     assert readable_encodings(accept) == sent
+
+
+def test_a_length_in_digits_other_than_ascii_is_no_length() -> None:
+    """`"²".isdigit()` is true and `int("²")` raises: the tap reads lengths as the
+    request parser does, ASCII digits only."""
+    from extauthz.tap import _length
+
+    assert (_length(" 42 "), _length("²"), _length("4²"), _length("")) == (42, 0, 0, 0)
