@@ -5,7 +5,7 @@ bounds and help, in the table `VARIABLES`. `Settings.from_env` reads that table,
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -403,11 +403,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for var in VARIABLES:
-            raw = env.get(var.env, "").strip()
-            values[var.field] = var.parse(var.env, raw or var.default)
-        settings = cls(**values, redis_url=redis_url_from(env))
+        settings = cls(**parsed(VARIABLES, env), redis_url=redis_url_from(env))
         settings.check_tls()
         return settings
 
@@ -425,6 +421,15 @@ class Settings:
                 "EXTAUTHZ_TLS_CLIENT_CA is set but EXTAUTHZ_TLS_CERT and EXTAUTHZ_TLS_KEY are "
                 "not: mTLS needs the server's certificate and key too"
             )
+
+
+def parsed(variables: Iterable[Variable], env: Mapping[str, str]) -> dict[str, Any]:
+    """Each variable's value from `env` (its default where unset or blank), parsed: the
+    fields of a settings class. A bad value raises SettingsError naming the variable."""
+    return {
+        var.field: var.parse(var.env, env.get(var.env, "").strip() or var.default)
+        for var in variables
+    }
 
 
 def redis_url_from(env: Mapping[str, str]) -> str:

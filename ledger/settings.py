@@ -7,7 +7,6 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
 
@@ -15,6 +14,7 @@ from extauthz.settings import (
     SettingsError,
     Variable,
     integer,
+    parsed,
     postgres_url,
     redis_url_from,
     text,
@@ -69,10 +69,7 @@ class LedgerSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LedgerSettings:
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for var in VARIABLES:
-            raw = env.get(var.env, "").strip()
-            values[var.field] = var.parse(var.env, raw or var.default)
+        values = parsed(VARIABLES, env)
         if not values["consumer"]:
             values["consumer"] = f"{socket.gethostname()}-{os.getpid()}"
         return cls(**values, redis_url=redis_url_from(env))

@@ -35,9 +35,9 @@ Connection = AsyncConnection[tuple[Any, ...]]
 RecordSource = Callable[[str], Awaitable[dict[str, str] | None]]
 """A key's record from Redis now (None once deleted): for a key the ledger has no row for."""
 
-# A key event replaces the row only with a newer version of the record; a deletion wins
-# over any row not yet deleted. spent, total_requests stay the ledger's own sums.
-UPSERT_KEY: Final = b"""
+# One virtual_keys row from a key's record (the parameters ledger/entries.py's key_row
+# makes), for both statements below.
+_KEY_ROW: Final = b"""
 INSERT INTO virtual_keys AS v (
     id, key_hash, name, user_id, team_id, created_at, expires_at, is_active, allowed_models,
     max_budget, tpm_limit, rpm_limit, metadata, last_used, status, deleted_at, version
@@ -46,6 +46,13 @@ INSERT INTO virtual_keys AS v (
     %(is_active)s, %(allowed_models)s::jsonb, %(max_budget)s, %(tpm_limit)s, %(rpm_limit)s,
     %(metadata)s::jsonb, %(last_used)s, %(status)s, %(deleted_at)s, %(version)s
 )
+"""
+
+# A key event replaces the row only with a newer version of the record; a deletion wins
+# over any row not yet deleted. spent, total_requests stay the ledger's own sums.
+UPSERT_KEY: Final = (
+    _KEY_ROW
+    + b"""
 ON CONFLICT (id) DO UPDATE SET
     key_hash = EXCLUDED.key_hash, name = EXCLUDED.name, user_id = EXCLUDED.user_id,
     team_id = EXCLUDED.team_id, created_at = EXCLUDED.created_at,
@@ -58,19 +65,15 @@ ON CONFLICT (id) DO UPDATE SET
 WHERE v.version < EXCLUDED.version OR (EXCLUDED.status = 'deleted' AND v.status <> 'deleted')
 RETURNING (xmax = 0) AS inserted
 """
+)
 
 # A key older than the ledger: its record as Redis has it now, unless a row came first.
-INSERT_KEY: Final = b"""
-INSERT INTO virtual_keys (
-    id, key_hash, name, user_id, team_id, created_at, expires_at, is_active, allowed_models,
-    max_budget, tpm_limit, rpm_limit, metadata, last_used, status, deleted_at, version
-) VALUES (
-    %(id)s, %(key_hash)s, %(name)s, %(user_id)s, %(team_id)s, %(created_at)s, %(expires_at)s,
-    %(is_active)s, %(allowed_models)s::jsonb, %(max_budget)s, %(tpm_limit)s, %(rpm_limit)s,
-    %(metadata)s::jsonb, %(last_used)s, %(status)s, %(deleted_at)s, %(version)s
-)
+INSERT_KEY: Final = (
+    _KEY_ROW
+    + b"""
 ON CONFLICT (id) DO NOTHING
 """
+)
 
 STUB_KEY: Final = b"""
 INSERT INTO virtual_keys (id, created_at, is_active, status, version)
